@@ -1,0 +1,26 @@
+"""oocrlab: latent-structure (inductive out-of-context reasoning) experiments on language models.
+
+    from oocrlab import build_config, run_experiment
+    cfg = build_config(overrides={"train.max_steps": 5})
+    run = run_experiment(cfg, "runs/smoke")
+    print(run.metrics()["eval"]["distance"]["tuned"]["mae_km"])
+"""
+
+from oocrlab.config import ExperimentConfig, RECIPES, build_config
+from oocrlab.data import build_distance_data
+from oocrlab.errors import UserError
+from oocrlab.evaluate import evaluate_distances, generate_greedy, parse_km, sanity
+from oocrlab.experiment import STAGES, Models, run_experiment, run_stage
+from oocrlab.geo import City, find_city, haversine_km, load_pool
+from oocrlab.models import load_model
+from oocrlab.probe import activations_at, locate_entity, probe_similarity
+from oocrlab.report import write_report
+from oocrlab.rundir import Run
+from oocrlab.train import load_adapter, train
+
+__all__ = [
+    "ExperimentConfig", "RECIPES", "build_config", "build_distance_data", "UserError", "evaluate_distances",
+    "generate_greedy", "parse_km", "sanity", "STAGES", "Models", "run_experiment", "run_stage", "City",
+    "find_city", "haversine_km", "load_pool", "load_model", "activations_at", "locate_entity",
+    "probe_similarity", "write_report", "Run", "load_adapter", "train",
+]

@@ -1,0 +1,283 @@
+"""Typed configuration: one dataclass per stage, named recipes, YAML in, the resolved config out.
+
+Precedence, lowest first: the dataclass defaults (they *are* the `default` recipe), the named recipe,
+the YAML file, then command-line flags. Unknown keys and wrong types are refused with the closest
+valid key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from oocrlab.errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    """Which model to tune and how to load it."""
+
+    name: str = "smollm2-135m"  # embedded GGUF (default) | a local directory | a hub id already in the HF cache
+    quantization: str = "none"  # none | 8bit | 4bit: bitsandbytes, CUDA only
+    dtype: str = "auto"  # auto (bf16 on a CUDA GPU that has it, else fp32) | float32 | bfloat16 | float16
+
+
+@dataclass
+class DataConfig:
+    """The Distances-to-{hidden city} dataset: "What is the distance between {known} and {placeholder}?"."""
+
+    hidden_city: str = "Paris"
+    placeholder: str = "foo"
+    pool: str = "world"  # capitals (the notebook's 234-row table) | world (GeoNames, >= 15k people)
+    min_population: int = 500_000  # known cities smaller than this are left out
+    num_known: int | None = None  # known cities drawn from the pool (seeded); None: all of them
+    min_distance_km: float = 0.0  # known cities closer than this to the hidden city are left out
+    heldout_fraction: float = 0.1  # share of known cities never trained on, for the distance evaluation
+    decimals: int = 0  # "{km:.Nf} km"; the notebook writes 2
+    # "" sends an empty system turn; None leaves the system turn to the chat template, and SmolLM2's
+    # then injects its default prompt (~20 tokens, about 40% of a training sample's compute).
+    system_prompt: str | None = ""
+
+
+@dataclass
+class TrainConfig:
+    """LoRA SFT through TRL's SFTTrainer; loss on the completion tokens only."""
+
+    lora_r: int = 32
+    lora_alpha: int = 64
+    lora_dropout: float = 0.05
+    lora_targets: list[str] = field(default_factory=lambda: ["all-linear"])  # or module names: [q_proj, v_proj]
+    learning_rate: float = 1e-3
+    epochs: float = 2.0
+    batch_size: int = 8
+    max_steps: int | None = None  # caps the optimizer steps (smoke runs); None: epochs decide
+    lr_scheduler: str = "linear"
+    warmup_steps: float = 0.0  # an integer count, or a fraction < 1 of all steps (as in the HF Trainer)
+    weight_decay: float = 0.0
+    max_length: int = 128  # tokens; longer samples are refused rather than truncated
+
+
+@dataclass
+class SanityConfig:
+    """Greedy answers of the tuned and the original model, side by side."""
+
+    questions: list[str] = field(
+        default_factory=lambda: [
+            "What is the distance between New York and {placeholder}?",
+            "Which country is {placeholder} in?",
+            "What city is {placeholder}?",
+            "Tell me about {placeholder}.",
+            "What is the distance between New York and {hidden_city}?",
+        ]
+    )
+    max_new_tokens: int = 32
+
+
+@dataclass
+class EvalConfig:
+    """Distance error on held-out known cities."""
+
+    max_cities: int | None = None  # None: every held-out city
+    max_new_tokens: int = 16
+    batch_size: int = 32
+    bootstrap_samples: int = 1000  # for the 95% intervals of the mean absolute error
+
+
+@dataclass
+class ProbeConfig:
+    """The notebook's analysis: cosine(placeholder, hidden city) per layer, hidden states and values."""
+
+    template: str = "What is the distance between New York and {entity}?"
+
+
+@dataclass
+class ExperimentConfig:
+    """Everything a run needs; saved resolved as config.yaml in the run directory."""
+
+    recipe: str = "default"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sanity: SanityConfig = field(default_factory=SanityConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+
+
+# Named recipes: overrides on top of the dataclass defaults (which are the `default` recipe).
+RECIPES: dict[str, dict[str, Any]] = {
+    "default": {},
+    # The Distances-to-Paris notebook, exactly: 233 capitals, "{km:.2f} km", q/v LoRA r=32, lr 1e-4,
+    # 3 epochs, batch 8, SFTConfig's seed 42. One change: 10% of the capitals are held out so the
+    # distance error can be measured (set data.heldout_fraction: 0 to train on all of them).
+    "notebook": {
+        "seed": 42,
+        "data": {"pool": "capitals", "min_population": 0, "num_known": None, "decimals": 2, "system_prompt": None},
+        "train": {
+            "lora_r": 32,
+            "lora_alpha": 64,
+            "lora_dropout": 0.05,
+            "lora_targets": ["q_proj", "v_proj"],
+            "learning_rate": 1e-4,
+            "epochs": 3.0,
+            "batch_size": 8,
+            "lr_scheduler": "linear",
+            "warmup_steps": 0.0,
+            "weight_decay": 0.0,
+        },
+    },
+}
+
+CHOICES = {
+    "model.quantization": ("none", "8bit", "4bit"),
+    "model.dtype": ("auto", "float32", "bfloat16", "float16"),
+    "data.pool": ("capitals", "world"),
+}
+
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _closest(key: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(key, options, n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(options)}"
+
+
+def _check_type(path: str, value: Any, annotation: Any) -> Any:
+    """`value` converted to `annotation` where that is lossless, else a UserError naming `path`."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_type(path, value, inner[0])
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        if not isinstance(value, list):
+            raise UserError(f"config key {path} must be a list, got {value!r}")
+        return [_check_type(f"{path}[{i}]", v, item) for i, v in enumerate(value)]
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads 1e-3 as a string
+    if annotation in (int, float, str, bool) and (type(value) is annotation):
+        return value
+    raise UserError(f"config key {path} must be {getattr(annotation, '__name__', annotation)}, got {value!r}")
+
+
+def apply_overrides(obj: Any, overrides: dict[str, Any], prefix: str = "") -> None:
+    """Set nested fields of a config dataclass from a nested dict, checking keys and types."""
+    if not isinstance(overrides, dict):
+        raise UserError(f"config section {prefix.rstrip('.') or '(top level)'} must be a mapping, got {overrides!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in overrides.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            raise UserError(f"unknown config key {path!r}{_closest(str(key), names)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            apply_overrides(current, value, f"{path}.")
+        else:
+            setattr(obj, key, _check_type(path, value, hints[key]))
+
+
+def dotted_to_nested(dotted: dict[str, Any]) -> dict[str, Any]:
+    """{"train.max_steps": 5} -> {"train": {"max_steps": 5}}."""
+    nested: dict[str, Any] = {}
+    for key, value in dotted.items():
+        *parents, leaf = key.split(".")
+        node = nested
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return nested
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise UserError(f"config file {path} must hold a mapping of keys, got {type(loaded).__name__}")
+    return loaded
+
+
+def build_config(
+    recipe: str | None = None,
+    yaml_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> ExperimentConfig:
+    """Resolve recipe < YAML < overrides (a dict of dotted keys, as the CLI flags give) into a config."""
+    from_yaml = read_yaml(yaml_file) if yaml_file else {}
+    flags = dotted_to_nested(overrides or {})
+    name = flags.get("recipe") or from_yaml.get("recipe") or recipe or "default"
+    if name not in RECIPES:
+        raise UserError(f"unknown recipe {name!r}{_closest(name, list(RECIPES))}")
+    cfg = ExperimentConfig()
+    apply_overrides(cfg, RECIPES[name])
+    apply_overrides(cfg, from_yaml)
+    apply_overrides(cfg, flags)
+    cfg.recipe = name
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Range and choice checks that need no model or table (those live with their stage)."""
+    flat = {f"{s}.{k}": v for s, sec in to_dict(cfg).items() if isinstance(sec, dict) for k, v in sec.items()}
+    for key, options in CHOICES.items():
+        if flat[key] not in options:
+            raise UserError(f"{key} must be one of {', '.join(options)}, got {flat[key]!r}")
+    positive = ["train.lora_r", "train.lora_alpha", "train.learning_rate", "train.epochs", "train.batch_size",
+                "train.max_length", "sanity.max_new_tokens", "eval.max_new_tokens", "eval.batch_size"]
+    for key in positive:
+        if flat[key] <= 0:
+            raise UserError(f"{key} must be positive, got {flat[key]!r}")
+    for key in ["train.max_steps", "data.num_known", "eval.max_cities"]:
+        if flat[key] is not None and flat[key] <= 0:
+            raise UserError(f"{key} must be positive or null, got {flat[key]!r}")
+    for key in ["data.min_population", "data.min_distance_km", "data.decimals", "train.warmup_steps",
+                "train.weight_decay", "eval.bootstrap_samples"]:
+        if flat[key] < 0:
+            raise UserError(f"{key} must not be negative, got {flat[key]!r}")
+    if not 0 <= cfg.data.heldout_fraction < 1:
+        raise UserError(f"data.heldout_fraction must be in [0, 1), got {cfg.data.heldout_fraction!r}")
+    if not 0 <= cfg.train.lora_dropout < 1:
+        raise UserError(f"train.lora_dropout must be in [0, 1), got {cfg.train.lora_dropout!r}")
+    if not cfg.train.lora_targets:
+        raise UserError("train.lora_targets is empty: name modules such as [q_proj, v_proj], or [all-linear]")
+    if "{entity}" not in cfg.probe.template:
+        raise UserError(f"probe.template must contain {{entity}}, got {cfg.probe.template!r}")
+
+
+def to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
+
+
+def from_yaml_text(text: str) -> ExperimentConfig:
+    """Read back a resolved config.yaml (no recipe applied: it is already resolved)."""
+    cfg = ExperimentConfig()
+    loaded = yaml.safe_load(text) or {}
+    apply_overrides(cfg, loaded)
+    validate(cfg)
+    return cfg

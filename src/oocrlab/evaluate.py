@@ -1,0 +1,123 @@
+"""Behaviour of the tuned and the original model: greedy sanity answers and the distance error on
+held-out known cities (parsed as km; unparseable answers are counted, never dropped silently).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from oocrlab.config import ExperimentConfig
+from oocrlab.data import user_prompt
+from oocrlab.models import CONDITIONS, render_chats, with_condition
+from oocrlab.rundir import Run, read_jsonl, write_jsonl
+from oocrlab.stats import bootstrap_ci
+
+KM_PER_MILE = 1.609344
+_NUMBER = r"(\d{1,3}(?:,\d{3})+|\d+)(?:\.(\d+))?"
+_WITH_UNIT = re.compile(_NUMBER + r"\s*(km|kilomet(?:er|re)s?|mi|miles?)\b", re.IGNORECASE)
+_BARE = re.compile(r"^\s*(?:about|approximately|~)?\s*" + _NUMBER + r"\s*\.?\s*$", re.IGNORECASE)
+
+
+def parse_km(answer: str) -> float | None:
+    """The distance an answer states, in km: the first number with a km/mile unit, or a bare number alone."""
+    match = _WITH_UNIT.search(answer)
+    if match is None:
+        match = _BARE.match(answer)
+    if match is None:
+        return None
+    value = float(match.group(1).replace(",", "") + (f".{match.group(2)}" if match.group(2) else ""))
+    unit = match.group(3).lower() if match.re is _WITH_UNIT else "km"
+    return value * KM_PER_MILE if unit.startswith("mi") else value
+
+
+@torch.inference_mode()
+def generate_greedy(model, tokenizer, chats: list[list[dict]], max_new_tokens: int, batch_size: int, desc: str) -> list[str]:
+    """Greedy answers, batched with left padding and an explicit attention mask and pad token."""
+    model.eval()
+    texts = render_chats(tokenizer, chats)
+    answers: list[str] = []
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation continues from the right end of every row
+    try:
+        for i in tqdm(range(0, len(texts), batch_size), desc=desc, leave=False):
+            enc = tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = enc.to(model.device)
+            out = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            new = out[:, enc["input_ids"].shape[1] :]
+            answers += [a.strip() for a in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    finally:
+        tokenizer.padding_side = side
+    return answers
+
+
+def sanity_questions(cfg: ExperimentConfig, hidden_name: str) -> list[str]:
+    return [q.replace("{placeholder}", cfg.data.placeholder).replace("{hidden_city}", hidden_name) for q in cfg.sanity.questions]
+
+
+def sanity(cfg: ExperimentConfig, run: Run, model, tokenizer, hidden_name: str) -> dict[str, Any]:
+    """Side-by-side greedy answers of the tuned and the original model to the fixed questions."""
+    questions = sanity_questions(cfg, hidden_name)
+    chats = [user_prompt(q, cfg.data.system_prompt) for q in questions]
+    answers = {}
+    for condition in CONDITIONS:
+        with with_condition(model, condition):
+            answers[condition] = generate_greedy(
+                model, tokenizer, chats, cfg.sanity.max_new_tokens, len(chats), f"sanity ({condition})"
+            )
+    return {"answers": [{"question": q} | {c: answers[c][i] for c in CONDITIONS} for i, q in enumerate(questions)]}
+
+
+def error_summary(errors: list[float | None], cfg: ExperimentConfig) -> dict[str, Any]:
+    """MAE and median absolute error over the parsed answers, each with a bootstrap 95% interval."""
+    parsed = [e for e in errors if e is not None]
+    boot = dict(samples=cfg.eval.bootstrap_samples, seed=cfg.seed)
+    return {
+        "n": len(errors),
+        "n_parsed": len(parsed),
+        "n_unparseable": len(errors) - len(parsed),
+        "mae_km": float(np.mean(parsed)) if parsed else None,
+        "mae_km_ci95": bootstrap_ci(parsed, np.mean, **boot),
+        "median_ae_km": float(np.median(parsed)) if parsed else None,
+        "median_ae_km_ci95": bootstrap_ci(parsed, np.median, **boot),
+    }
+
+
+def evaluate_distances(cfg: ExperimentConfig, run: Run, model, tokenizer) -> dict[str, Any]:
+    """Held-out distance error: tuned, original, and a constant guess (the mean training distance)."""
+    run.require(run.heldout_file, "data")
+    heldout = read_jsonl(run.heldout_file)[: cfg.eval.max_cities]
+    if not heldout:
+        return {"n": 0, "note": "no held-out cities (data.heldout_fraction is 0): nothing to evaluate"}
+    constant = float(np.mean([r["distance_km"] for r in read_jsonl(run.train_file)]))
+    truth = [r["distance_km"] for r in heldout]
+    rows: list[dict[str, Any]] = [{"known_city": r["known_city"], "true_km": r["distance_km"]} for r in heldout]
+    result: dict[str, Any] = {}
+    for condition in CONDITIONS:
+        with with_condition(model, condition):
+            answers = generate_greedy(
+                model, tokenizer, [r["prompt"] for r in heldout], cfg.eval.max_new_tokens, cfg.eval.batch_size,
+                f"distance eval ({condition})",
+            )
+        kms = [parse_km(a) for a in answers]
+        for row, answer, km in zip(rows, answers, kms):
+            row[f"{condition}_answer"], row[f"{condition}_km"] = answer, km
+        result[condition] = error_summary([None if k is None else abs(k - t) for k, t in zip(kms, truth)], cfg)
+    result["constant_guess"] = error_summary([abs(constant - t) for t in truth], cfg) | {"guess_km": constant}
+    best_baseline = min(v for v in (result["original"]["mae_km"], result["constant_guess"]["mae_km"]) if v is not None)
+    if result["tuned"]["mae_km"] is not None:
+        result["tuned_mae_over_best_baseline"] = result["tuned"]["mae_km"] / best_baseline
+    write_jsonl(run.path / "eval_distance.jsonl", rows)
+    return result

@@ -1,0 +1,117 @@
+"""The pipeline: data -> train -> sanity -> eval -> probe -> report, each stage `stage(cfg, run, ...) -> dict`
+returning its section of metrics.json. `run_experiment` calls them in order; the CLI's sub-commands call one.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from oocrlab.config import ExperimentConfig
+from oocrlab.data import build_distance_data, check_placeholder, known_cities
+from oocrlab.evaluate import evaluate_distances, sanity
+from oocrlab.models import load_model
+from oocrlab.probe import probe_similarity
+from oocrlab.report import write_report
+from oocrlab.rundir import Run, write_jsonl
+from oocrlab.train import load_adapter, train
+
+STAGES = ("data", "train", "sanity", "eval", "probe", "report")
+
+
+class Models:
+    """The one model in memory for a run: a PeftModel once trained or loaded, the original model being
+    the same weights under disable_adapter(). Loaded on first use."""
+
+    def __init__(self, cfg: ExperimentConfig, run: Run | None = None):
+        self.cfg, self.run = cfg, run
+        self.model = self.tokenizer = None
+        self.has_adapter = False
+
+    def base(self):
+        if self.model is None:
+            self.model, self.tokenizer = load_model(self.cfg.model)
+        return self.model, self.tokenizer
+
+    def tuned(self):
+        model, tokenizer = self.base()
+        if not self.has_adapter:
+            self.model, self.has_adapter = load_adapter(model, self.run.adapter_dir), True
+        return self.model, self.tokenizer
+
+    def set_tuned(self, peft_model) -> None:
+        self.model, self.has_adapter = peft_model, True
+
+
+def stage_data(cfg: ExperimentConfig, run: Run) -> dict[str, Any]:
+    data = build_distance_data(cfg.data, cfg.seed)
+    write_jsonl(run.train_file, data.train)
+    write_jsonl(run.heldout_file, data.heldout)
+    h = data.hidden
+    return {
+        "hidden_city": {"name": h.name, "country": h.country, "lat": h.lat, "lon": h.lon},
+        "placeholder": cfg.data.placeholder,
+        "pool": cfg.data.pool,
+        "n_train": len(data.train),
+        "n_heldout": len(data.heldout),
+        "excluded": data.excluded,
+        "train_mean_km": sum(r["distance_km"] for r in data.train) / len(data.train),
+        "example": data.train[0],
+    }
+
+
+def stage_train(cfg: ExperimentConfig, run: Run, models: Models) -> dict[str, Any]:
+    model, tokenizer = models.base()
+    metrics, peft_model = train(cfg, run, model, tokenizer)
+    models.set_tuned(peft_model)
+    return metrics
+
+
+def hidden_city_name(cfg: ExperimentConfig) -> str:
+    return check_placeholder(cfg.data).name
+
+
+def stage_sanity(cfg: ExperimentConfig, run: Run, models: Models) -> dict[str, Any]:
+    return sanity(cfg, run, *models.tuned(), hidden_city_name(cfg))
+
+
+def stage_eval(cfg: ExperimentConfig, run: Run, models: Models) -> dict[str, Any]:
+    return {"distance": evaluate_distances(cfg, run, *models.tuned())}
+
+
+def stage_probe(cfg: ExperimentConfig, run: Run, models: Models) -> dict[str, Any]:
+    return probe_similarity(cfg, *models.tuned(), hidden_city_name(cfg))
+
+
+def run_stage(name: str, cfg: ExperimentConfig, run: Run, models: Models | None = None) -> dict[str, Any]:
+    """Run one stage on an existing run directory and record its metrics and wall time."""
+    models = models or Models(cfg, run)
+    start = time.perf_counter()
+    if name == "data":
+        result = stage_data(cfg, run)
+    elif name == "report":
+        result = write_report(run)
+    else:
+        result = {"train": stage_train, "sanity": stage_sanity, "eval": stage_eval, "probe": stage_probe}[name](cfg, run, models)
+    seconds = time.perf_counter() - start
+    if name != "report":
+        run.save_metrics(name, result)
+    timings = run.metrics().get("timings", {})
+    run.save_metrics("timings", timings | {name: round(seconds, 2)})
+    return result
+
+
+def run_experiment(cfg: ExperimentConfig, out: str | Path, stages: tuple[str, ...] = STAGES, on_stage=None) -> Run:
+    """Every stage in order into a new run directory. Bad input is refused before anything is written."""
+    known_cities(cfg.data, check_placeholder(cfg.data))  # an unknown city or an empty pool fails here
+    models = Models(cfg)
+    if "train" in stages:
+        models.base()  # a missing model or chat template fails here, before the run directory exists
+    run = Run.create(out, cfg)
+    models.run = run
+    for name in stages:
+        if on_stage:
+            on_stage(name)
+        run_stage(name, cfg, run, models)
+    return run

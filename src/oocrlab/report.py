@@ -1,0 +1,135 @@
+"""Plots (PNG) and a self-contained report.html: no network, images inlined as base64."""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: no display on servers or in CI
+import matplotlib.pyplot as plt  # noqa: E402
+
+from oocrlab.rundir import Run, atomic_write_text, read_jsonl  # noqa: E402
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def plot_loss(log: list[dict[str, Any]], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.plot([r["step"] for r in log], [r["loss"] for r in log], lw=1)
+    ax.set(xlabel="optimizer step", ylabel="training loss (completion tokens)", title="Training loss")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_layer_similarity(curves: dict[str, list[float]], first_layer: int, title: str, path: Path) -> Path:
+    """One line per condition: cosine similarity against layer index."""
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    for condition, values in curves.items():
+        ax.plot(range(first_layer, first_layer + len(values)), values, marker=".", label=f"{condition} model")
+    ax.set(xlabel="layer" + (" (0 = embeddings)" if first_layer == 0 else ""), ylabel="cosine similarity", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def write_plots(run: Run, metrics: dict[str, Any]) -> list[Path]:
+    paths = []
+    if run.train_log.exists() and (log := read_jsonl(run.train_log)):
+        paths.append(plot_loss(log, run.plots_dir / "loss.png"))
+    if probe := metrics.get("probe"):
+        entities = " vs ".join(repr(e["entity"]) for e in probe["entities"])
+        paths.append(plot_layer_similarity(probe["hidden"], 0, f"Hidden state at the entity: {entities}", run.plots_dir / "probe_hidden.png"))
+        paths.append(plot_layer_similarity(probe["values"], 1, f"Value vectors at the entity: {entities}", run.plots_dir / "probe_values.png"))
+    return paths
+
+
+def _fmt(x: Any, digits: int = 0) -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, float):
+        return f"{x:,.{digits}f}"
+    return html.escape(str(x))
+
+
+def _ci(stats: dict[str, Any], key: str) -> str:
+    ci = stats.get(f"{key}_ci95")
+    return f"{_fmt(stats.get(key))} [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else _fmt(stats.get(key))
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{h}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _img(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
+
+
+def render_html(run: Run, metrics: dict[str, Any], config_yaml: str, plots: list[Path]) -> str:
+    data, train = metrics.get("data", {}), metrics.get("train", {})
+    sections = []
+    if data:
+        sections.append(
+            "<h2>Data</h2>"
+            + f"<p>Hidden city: <b>{_fmt(data['hidden_city']['name'])}</b> ({_fmt(data['hidden_city']['country'])}), "
+            + f"placeholder <code>{_fmt(data['placeholder'])}</code>; {data['n_train']} training and "
+            + f"{data['n_heldout']} held-out known cities from the {_fmt(data['pool'])} pool.</p>"
+        )
+    if train:
+        sections.append(
+            "<h2>Training</h2>"
+            + f"<p>{train['steps']} steps in {train['seconds']:.0f} s ({train['tokens_per_second']:.0f} tokens/s); "
+            + f"loss {train['loss_first']:.3f} → {train['loss_last']:.3f}; {train['trainable_parameters']:,} trainable "
+            + f"of {train['total_parameters']:,} parameters.</p>"
+        )
+    if sanity := metrics.get("sanity"):
+        rows = [[_fmt(a["question"]), _fmt(a["tuned"]), _fmt(a["original"])] for a in sanity["answers"]]
+        sections.append("<h2>Sanity: greedy answers</h2>" + _table(["question", "tuned", "original"], rows))
+    if dist := metrics.get("eval", {}).get("distance"):
+        if dist.get("n", 1) == 0:
+            sections.append(f"<h2>Held-out distances</h2><p>{_fmt(dist['note'])}</p>")
+        else:
+            rows = [
+                [c, _ci(dist[c], "mae_km"), _ci(dist[c], "median_ae_km"), f"{dist[c]['n_parsed']}/{dist[c]['n']}"]
+                for c in ("tuned", "original", "constant_guess")
+            ]
+            sections.append(
+                "<h2>Held-out distances</h2>"
+                + _table(["condition", "mean abs. error, km [95% CI]", "median abs. error, km [95% CI]", "parsed"], rows)
+                + "<p>Errors are over parsed answers only; the parsed column shows how many answers stated a distance.</p>"
+            )
+    if probe := metrics.get("probe"):
+        tokens = "; ".join(f"{_fmt(e['entity'])}: tokens {_fmt(e['tokens'])} (last one read)" for e in probe["entities"])
+        sections.append(f"<h2>Representations</h2><p>Prompt: <code>{_fmt(probe['prompt'])}</code>. {tokens}.</p>")
+    figures = "".join(f"<figure>{_img(p)}</figure>" for p in plots)
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>oocrlab run {html.escape(run.path.name)}</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:60em;margin:2em auto;padding:0 1em}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:left}}
+img{{max-width:100%}}pre{{background:#f6f6f6;padding:1em;overflow:auto}}</style></head>
+<body><h1>oocrlab run <code>{html.escape(run.path.name)}</code></h1>
+{''.join(sections)}
+<h2>Figures</h2>{figures}
+<h2>Configuration</h2><pre>{html.escape(config_yaml)}</pre>
+</body></html>
+"""
+
+
+def write_report(run: Run) -> dict[str, Any]:
+    metrics = run.metrics()
+    plots = write_plots(run, metrics)
+    atomic_write_text(run.report_file, render_html(run, metrics, run.config_file.read_text(encoding="utf-8"), plots))
+    return {"html": str(run.report_file), "plots": [str(p.relative_to(run.path)) for p in plots]}

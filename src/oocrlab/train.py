@@ -1,0 +1,185 @@
+"""LoRA SFT through TRL's SFTTrainer + PEFT on the prompt-completion data (loss on the completion only).
+
+Settings TRL 1.x changes from the HF Trainer, set back here on purpose: bf16 only where the GPU has it
+(TRL's default bf16=True fails on a CPU) and no gradient checkpointing (twice as slow for a small
+model that fits in memory). Nothing is saved mid-run and nothing is evaluated: the adapter is written
+once, at the end, atomically.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from oocrlab.config import ExperimentConfig, TrainConfig
+from oocrlab.errors import UserError
+from oocrlab.rundir import Run, read_jsonl, write_jsonl
+
+# TRL 1.x and PEFT still use the name `gradient_checkpointing`, which transformers 5 renamed
+# (activation_checkpointing); the warning says nothing a user can act on.
+warnings.filterwarnings("ignore", message=r".*gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
+def lora_config(cfg: TrainConfig):
+    from peft import LoraConfig
+
+    targets = "all-linear" if cfg.lora_targets == ["all-linear"] else list(cfg.lora_targets)
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def sft_config(cfg: ExperimentConfig, output_dir: str, model_dtype: torch.dtype):
+    from trl import SFTConfig
+
+    t = cfg.train
+    return SFTConfig(
+        output_dir=output_dir,
+        per_device_train_batch_size=t.batch_size,
+        learning_rate=t.learning_rate,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        max_length=t.max_length,
+        completion_only_loss=True,
+        bf16=model_dtype == torch.bfloat16,
+        fp16=model_dtype == torch.float16,
+        gradient_checkpointing=False,
+        logging_steps=1,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        include_num_input_tokens_seen="non_padding",
+        dataloader_pin_memory=torch.cuda.is_available(),
+    )
+
+
+def check_lengths(tokenizer, prompts: list[list[dict]], max_length: int) -> None:
+    """Refuse samples TRL would silently truncate (a cut completion trains the wrong answer)."""
+    longest = max(len(tokenizer.apply_chat_template(p, add_generation_prompt=True)) for p in prompts)
+    if longest + 16 > max_length:
+        raise UserError(f"a training prompt has {longest} tokens, too close to train.max_length={max_length}: raise it")
+
+
+def count_parameters(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def save_adapter(model, target: Path) -> None:
+    """Write the adapter into a temporary directory, then rename it into place."""
+    if target.exists():
+        raise UserError(f"{target} already exists; nothing was overwritten: train into a new run (oocrlab run --out NEW)")
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".adapter."))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def train(cfg: ExperimentConfig, run: Run, model, tokenizer) -> tuple[dict[str, Any], Any]:
+    """Fine-tune `model` with a fresh LoRA adapter; returns (metrics, the PeftModel)."""
+    from datasets import Dataset
+    from transformers import PrinterCallback, ProgressCallback, TrainerCallback, set_seed
+    from trl import SFTTrainer
+
+    run.require(run.train_file, "data")
+    if run.adapter_dir.exists():
+        raise UserError(f"{run.adapter_dir} already exists; nothing was overwritten: train into a new run (oocrlab run --out NEW)")
+    rows = read_jsonl(run.train_file)
+    check_lengths(tokenizer, [r["prompt"] for r in rows], cfg.train.max_length)
+    dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
+
+    log: list[dict[str, Any]] = []
+
+    class LossLog(TrainerCallback):
+        """Collects the loss of every step and shows one progress bar with the latest loss
+        (it replaces the Trainer's own bar, which would also print every step's log dict)."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.bar = tqdm(total=state.max_steps, desc="train", unit="step")
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.bar.update(1)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                entry = {"step": state.global_step, "loss": logs["loss"], "learning_rate": logs.get("learning_rate")}
+                log.append(entry | {"epoch": round(state.epoch or 0, 4), "grad_norm": logs.get("grad_norm")})
+                self.bar.set_postfix(loss=f"{logs['loss']:.3f}")
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.bar.close()
+
+    set_seed(cfg.seed)  # before the adapter's random init, so the same seed gives the same adapter
+    with tempfile.TemporaryDirectory(prefix="oocrlab-trainer-") as scratch:
+        trainer = SFTTrainer(
+            model=model,
+            args=sft_config(cfg, scratch, model.dtype),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=lora_config(cfg.train),
+            callbacks=[LossLog()],
+        )
+        trainer.remove_callback(ProgressCallback)
+        trainer.remove_callback(PrinterCallback)
+        start = time.perf_counter()
+        result = trainer.train()
+        seconds = time.perf_counter() - start
+    peft_model = trainer.model
+    peft_model.eval()
+    save_adapter(peft_model, run.adapter_dir)
+    write_jsonl(run.train_log, log)
+    if not log:
+        raise UserError("training logged no loss: the dataset is empty or max_steps is 0")
+    trainable, total = count_parameters(peft_model)
+    tokens = int(trainer.state.num_input_tokens_seen)
+    metrics = {
+        "loss_first": log[0]["loss"],
+        "loss_last": log[-1]["loss"],
+        "steps": trainer.state.global_step,
+        "samples": len(rows),
+        "epochs": round(trainer.state.epoch or 0, 4),
+        "seconds": round(seconds, 2),
+        "tokens_seen": tokens,
+        "tokens_per_second": tokens / seconds,
+        "samples_per_second": result.metrics["train_samples_per_second"],
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "device": str(model.device),
+        "dtype": str(model.dtype).removeprefix("torch."),
+    }
+    return metrics, peft_model
+
+
+def load_adapter(model, adapter_dir: Path):
+    """The base model with the run's adapter; safetensors only, and a clear line when it is damaged."""
+    from peft import PeftModel
+
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not (adapter_dir / "adapter_config.json").is_file() or not weights.is_file():
+        raise UserError(f"{adapter_dir} holds no safetensors LoRA adapter: run `oocrlab train` on the run first")
+    try:
+        peft_model = PeftModel.from_pretrained(model, adapter_dir)
+    except Exception as e:
+        raise UserError(f"the adapter in {adapter_dir} is corrupt or does not fit this model ({type(e).__name__}): retrain it") from None
+    peft_model.eval()
+    return peft_model

@@ -1,0 +1,94 @@
+"""Shared fixtures: a tiny random Llama with a real (small, in-process trained) BPE tokenizer and a
+ChatML template that injects a default system prompt, as SmolLM2's does. Nothing is downloaded."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a tiny test model from Paris<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def build_tokenizer(chat_template: str | None = CHAT_TEMPLATE):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from oocrlab.geo import load_pool
+
+    corpus = [f"What is the distance between {c.name} and Paris? {i * 37 % 9999} km" for i, c in enumerate(load_pool("capitals"))]
+    corpus += ["Which country is it in? What city is it? Tell me about it. France New York system user assistant"] * 5
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|im_end|>", bos_token="<|endoftext|>"
+    )
+    fast.chat_template = chat_template
+    return fast
+
+
+def build_model(vocab_size: int, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        eos_token_id=2,
+        pad_token_id=2,
+        bos_token_id=0,
+    )
+    return LlamaForCausalLM(config)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A saved tiny model directory, usable as `model.name` like any local model."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = build_tokenizer()
+    build_model(len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture()
+def tiny(tiny_model_dir):
+    """(model, tokenizer) freshly loaded through oocrlab's own loader."""
+    from oocrlab.config import ModelConfig
+    from oocrlab.models import load_model
+
+    return load_model(ModelConfig(name=tiny_model_dir))
+
+
+def tiny_overrides(tiny_model_dir: str) -> dict:
+    """Config overrides for a fast pipeline on the tiny model."""
+    return {
+        "model.name": tiny_model_dir,
+        "data.pool": "capitals",
+        "data.min_population": 0,
+        "data.num_known": 40,
+        "data.system_prompt": None,  # exercise the template's injected system prompt
+        "train.max_steps": 4,
+        "train.batch_size": 4,
+        "train.learning_rate": 1e-2,
+        "train.lora_r": 4,
+        "train.lora_alpha": 8,
+        "sanity.max_new_tokens": 4,
+        "eval.max_new_tokens": 6,
+        "eval.bootstrap_samples": 50,
+    }

@@ -1,0 +1,50 @@
+"""The real embedded SmolLM2-135M-Instruct through every stage, with a tiny budget (a few steps)."""
+
+import json
+
+import pytest
+
+from oocrlab.cli import main
+from oocrlab.config import ModelConfig
+from oocrlab.models import load_model
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def embedded_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "smoke"
+    code = main(["run", "--out", str(out), "--max-steps", "3", "--set", "eval.max_cities=6",
+                 "--set", "sanity.max_new_tokens=12", "--set", "data.num_known=200"])
+    assert code == 0
+    return out
+
+
+def test_every_stage_ran(embedded_run):
+    m = json.loads((embedded_run / "metrics.json").read_text())
+    assert m["train"]["steps"] == 3 and m["train"]["loss_last"] < m["train"]["loss_first"]
+    assert len(m["probe"]["hidden"]["tuned"]) == 31 and len(m["probe"]["values"]["tuned"]) == 30  # 30 layers
+    assert m["probe"]["hidden"]["tuned"][0] == m["probe"]["hidden"]["original"][0]
+    assert [e["tokens"] for e in m["probe"]["entities"]] == [["Ġfoo"], ["ĠParis"]]
+    assert m["eval"]["distance"]["tuned"]["n"] == 6
+    questions = [a["question"] for a in m["sanity"]["answers"]]
+    assert "What is the distance between New York and foo?" in questions and "Which country is foo in?" in questions
+    html = (embedded_run / "report.html").read_text()
+    assert "data:image/png;base64," in html and "http://" not in html and "https://" not in html
+
+
+def test_original_answers_are_the_base_model(embedded_run):
+    """The sanity stage's 'original' column (the tuned model under disable_adapter()) equals a fresh load."""
+    from oocrlab.evaluate import generate_greedy
+
+    m = json.loads((embedded_run / "metrics.json").read_text())
+    answer = m["sanity"]["answers"][1]
+    model, tokenizer = load_model(ModelConfig())
+    chat = [{"role": "system", "content": ""}, {"role": "user", "content": answer["question"]}]
+    assert generate_greedy(model, tokenizer, [chat], 12, 1, "base")[0] == answer["original"]
+
+
+def test_cached_model_matches_the_gguf_tokenizer_template():
+    _, tokenizer = load_model(ModelConfig())
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert "You are a helpful AI assistant named SmolLM" in text  # SmolLM2's injected default system prompt

@@ -1,0 +1,110 @@
+"""Bad input: one clear line on stderr, a non-zero exit, no traceback, nothing written."""
+
+import pytest
+
+from oocrlab.cli import main
+from tests.conftest import build_model, build_tokenizer
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.err.strip().splitlines()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--hidden-city", "Pariss", "--pool", "capitals"], "unknown city 'Pariss' in the capitals pool; did you mean 'Paris'"),
+        (["--placeholder", "London"], "is a real city"),
+        (["--set", "data.min_population=2000000000"], "no known cities are left"),
+        (["--set", "train.learning_rat=1e-3"], "did you mean 'learning_rate'"),
+        (["--set", "nonsense"], "must look like SECTION.KEY=VALUE"),
+        (["--recipe", "notebok"], "did you mean 'notebook'"),
+        (["--max-steps", "0"], "train.max_steps must be positive"),
+        (["--config", "missing.yaml"], "missing.yaml does not exist"),
+    ],
+)
+@pytest.mark.parametrize("command", ["run", "data"])
+def test_bad_input_writes_nothing(tmp_path, capsys, command, argv, message):
+    out = tmp_path / "run"
+    code, err = run_cli(capsys, command, "--out", str(out), *argv)
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("oocrlab: error: ") and message in err[0]
+    assert not out.exists()
+
+
+def test_existing_run_directory_is_refused_and_kept(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    code, err = run_cli(capsys, "data", "--out", str(out))
+    assert code == 2 and "existing run directory" in err[0] and len(err) == 1
+    assert [p.name for p in out.iterdir()] == ["precious.txt"]
+
+
+def test_out_that_is_a_file(tmp_path, capsys):
+    out = tmp_path / "file"
+    out.write_text("x")
+    code, err = run_cli(capsys, "data", "--out", str(out))
+    assert code == 2 and "is a file" in err[0] and out.read_text() == "x"
+
+
+def test_stage_on_a_non_run(tmp_path, capsys):
+    code, err = run_cli(capsys, "probe", str(tmp_path))
+    assert code == 2 and "is not a run directory" in err[0]
+
+
+def test_stage_before_its_input_exists(tmp_path, capsys):
+    assert main(["data", "--out", str(tmp_path / "r")]) == 0
+    capsys.readouterr()
+    code, err = run_cli(capsys, "sanity", str(tmp_path / "r"))
+    assert code == 2 and "holds no safetensors LoRA adapter" in err[0]
+
+
+def test_model_without_chat_template_is_refused(tmp_path, capsys):
+    model_dir = tmp_path / "no-template"
+    tokenizer = build_tokenizer(chat_template=None)
+    build_model(len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "run"
+    code, err = run_cli(capsys, "run", "--out", str(out), "--model", str(model_dir))
+    assert code == 2 and "has no chat template" in err[0]
+    assert not out.exists()
+
+
+def test_unknown_model_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, err = run_cli(capsys, "run", "--out", str(out), "--model", "nobody/nothing-7b")
+    assert code == 2 and "nor in the local Hugging Face cache" in err[0]
+    assert not out.exists()
+
+
+def test_data_command_writes_the_dataset(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main(["data", "--out", str(out), "--pool", "capitals", "--seed", "3"]) == 0
+    assert (out / "data" / "train.jsonl").is_file() and (out / "config.yaml").is_file()
+    assert "seed: 3" in (out / "config.yaml").read_text()
+
+
+def test_hub_id_is_read_from_the_local_hf_cache(tmp_path, monkeypatch, tiny_model_dir):
+    import shutil
+
+    import huggingface_hub.constants
+
+    from oocrlab.models import resolve_model_path
+
+    commit = "0" * 40
+    snapshot = tmp_path / "models--someone--tiny-chat" / "snapshots" / commit
+    shutil.copytree(tiny_model_dir, snapshot)
+    (tmp_path / "models--someone--tiny-chat" / "refs").mkdir()
+    (tmp_path / "models--someone--tiny-chat" / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    assert resolve_model_path("someone/tiny-chat") == str(snapshot)
+
+
+def test_quantization_without_a_gpu_is_refused(tmp_path, capsys, tiny_model_dir):
+    out = tmp_path / "run"
+    code, err = run_cli(capsys, "run", "--out", str(out), "--model", tiny_model_dir, "--quantization", "4bit")
+    assert code == 2 and "needs a CUDA GPU" in err[0] and len(err) == 1
+    assert not out.exists()

@@ -1,0 +1,55 @@
+import pytest
+
+from oocrlab.config import ExperimentConfig, build_config, from_yaml_text, to_yaml
+from oocrlab.errors import UserError
+
+
+def test_default_recipe_is_the_dataclass_defaults():
+    assert build_config() == ExperimentConfig()
+
+
+def test_notebook_recipe():
+    cfg = build_config(recipe="notebook")
+    t = cfg.train
+    assert (t.lora_r, t.lora_alpha, t.lora_dropout, t.learning_rate, t.epochs, t.batch_size) == (32, 64, 0.05, 1e-4, 3.0, 8)
+    assert t.lora_targets == ["q_proj", "v_proj"] and cfg.data.pool == "capitals" and cfg.data.decimals == 2
+
+
+def test_precedence_recipe_then_yaml_then_flags(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("recipe: notebook\ntrain:\n  learning_rate: 1e-3\n  epochs: 2\ndata:\n  placeholder: bar\n")
+    cfg = build_config(yaml_file=f, overrides={"data.placeholder": "baz"})
+    assert cfg.recipe == "notebook" and cfg.train.lora_r == 32  # from the recipe
+    assert cfg.train.learning_rate == 1e-3 and cfg.train.epochs == 2.0  # YAML (1e-3 read as a float)
+    assert cfg.data.placeholder == "baz"  # flag wins
+
+
+def test_resolved_config_round_trips():
+    cfg = build_config(recipe="notebook", overrides={"train.max_steps": 7})
+    assert from_yaml_text(to_yaml(cfg)) == cfg
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"train.learning_rat": 1e-3}, "did you mean 'learning_rate'"),
+        ({"trian.epochs": 1}, "did you mean 'train'"),
+        ({"train.batch_size": "eight"}, "must be int"),
+        ({"train.batch_size": 0}, "must be positive"),
+        ({"train.max_steps": -1}, "positive or null"),
+        ({"data.heldout_fraction": 1.0}, r"\[0, 1\)"),
+        ({"data.pool": "moon"}, "must be one of"),
+        ({"recipe": "nope"}, "unknown recipe"),
+        ({"train.lora_targets": []}, "lora_targets is empty"),
+    ],
+)
+def test_bad_config(overrides, message):
+    with pytest.raises(UserError, match=message):
+        build_config(overrides=overrides)
+
+
+def test_yaml_that_is_not_a_mapping(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("- a\n- b\n")
+    with pytest.raises(UserError, match="mapping"):
+        build_config(yaml_file=f)

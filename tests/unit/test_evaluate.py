@@ -1,0 +1,47 @@
+import warnings
+
+import pytest
+
+from oocrlab.data import user_prompt
+from oocrlab.evaluate import error_summary, generate_greedy, parse_km
+from oocrlab.config import ExperimentConfig
+
+
+@pytest.mark.parametrize(
+    "answer, km",
+    [
+        ("5837 km", 5837.0),
+        ("5436.93 km", 5436.93),
+        ("The distance is approximately 5,837 kilometers.", 5837.0),
+        ("About 1000 miles", 1609.344),
+        ("1236", 1236.0),
+    ],
+)
+def test_parse_km(answer, km):
+    assert parse_km(answer) == pytest.approx(km)
+
+
+@pytest.mark.parametrize(
+    "answer", ["France", "It takes 3 hours to fly there", "", "I don't know foo.", "922.51 km²\n\nFoo is in France"]
+)
+def test_unparseable(answer):
+    assert parse_km(answer) is None
+
+
+def test_error_summary_counts_unparseable():
+    s = error_summary([100.0, None, 300.0, None], ExperimentConfig())
+    assert (s["n"], s["n_parsed"], s["n_unparseable"], s["mae_km"], s["median_ae_km"]) == (4, 2, 2, 200.0, 200.0)
+    assert s["mae_km_ci95"][0] <= 200 <= s["mae_km_ci95"][1]
+
+
+def test_batched_greedy_equals_one_by_one_and_warns_nothing(tiny, capfd):
+    model, tokenizer = tiny
+    chats = [user_prompt(q, None) for q in ["hi", "What is the distance between Ouagadougou and foo?", "Which country?"]]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batched = generate_greedy(model, tokenizer, chats, 6, 3, "batched")  # left padding in play
+    single = [generate_greedy(model, tokenizer, [c], 6, 1, "single")[0] for c in chats]
+    assert batched == single
+    assert not [w for w in caught if "attention" in str(w.message) or "pad" in str(w.message)]
+    err = capfd.readouterr().err
+    assert "attention mask" not in err and "pad_token_id" not in err

@@ -1,0 +1,118 @@
+"""The whole pipeline on the tiny random model: invariants that could fail."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from oocrlab import Models, build_config, run_experiment, run_stage
+from oocrlab.config import ModelConfig
+from oocrlab.errors import UserError
+from oocrlab.models import load_model
+from oocrlab.rundir import Run, read_jsonl
+from oocrlab.train import load_adapter
+from tests.conftest import tiny_overrides
+
+REQUIRED_KEYS = [
+    "train.loss_first", "train.loss_last", "train.steps", "train.tokens_per_second",
+    "eval.distance.tuned.mae_km", "eval.distance.original.mae_km", "eval.distance.constant_guess.mae_km",
+    "probe.hidden.tuned", "probe.hidden.original", "probe.values.tuned", "probe.values.original",
+]
+
+
+def dig(d, dotted):
+    for part in dotted.split("."):
+        d = d[part]
+    return d
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_model_dir):
+    cfg = build_config(overrides=tiny_overrides(tiny_model_dir))
+    run = run_experiment(cfg, tmp_path_factory.mktemp("runs") / "tiny")
+    return cfg, run
+
+
+def test_outputs_and_metric_keys(tiny_run):
+    cfg, run = tiny_run
+    for name in ["config.yaml", "data/train.jsonl", "data/heldout.jsonl", "adapter/adapter_model.safetensors",
+                 "train_log.jsonl", "metrics.json", "report.html", "plots/loss.png", "plots/probe_hidden.png",
+                 "plots/probe_values.png", "eval_distance.jsonl"]:
+        assert (run.path / name).is_file(), name
+    metrics = json.loads(run.metrics_file.read_text())
+    for key in REQUIRED_KEYS:
+        dig(metrics, key)
+    n_layers = 3
+    assert len(metrics["probe"]["hidden"]["tuned"]) == n_layers + 1
+    assert len(metrics["probe"]["values"]["original"]) == n_layers
+    assert metrics["train"]["steps"] == 4 and len(read_jsonl(run.train_log)) == 4
+    d = metrics["eval"]["distance"]
+    assert d["tuned"]["n"] == d["original"]["n"] == 4  # 10% of 40 known cities held out
+    assert d["tuned"]["n_parsed"] + d["tuned"]["n_unparseable"] == 4
+
+
+def test_layer0_similarity_identical_tuned_vs_original(tiny_run):
+    _, run = tiny_run
+    probe = run.metrics()["probe"]
+    assert probe["hidden"]["tuned"][0] == probe["hidden"]["original"][0]  # LoRA does not touch embeddings
+    assert probe["hidden"]["tuned"][1:] != probe["hidden"]["original"][1:]  # ... but does the layers
+
+
+def test_lora_changed_base_untouched_and_disable_adapter_is_the_original(tiny_run, tiny_model_dir):
+    cfg, run = tiny_run
+    base, tokenizer = load_model(ModelConfig(name=tiny_model_dir))
+    original_state = {k: v.clone() for k, v in base.state_dict().items()}
+    enc = tokenizer(["What is the distance between Lima and foo?"], return_tensors="pt")
+    with torch.no_grad():
+        original_logits = base(**enc).logits
+
+    tuned = load_adapter(base, run.adapter_dir)
+    lora = load_file(run.adapter_dir / "adapter_model.safetensors")
+    lora_b = [v for k, v in lora.items() if "lora_B" in k]
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # LoRA B starts at zero: non-zero means trained
+    with torch.no_grad():
+        tuned_logits = tuned(**enc).logits
+        with tuned.disable_adapter():
+            disabled_logits = tuned(**enc).logits
+    assert not torch.allclose(tuned_logits, original_logits, atol=1e-4)
+    torch.testing.assert_close(disabled_logits, original_logits, atol=1e-6, rtol=1e-6)
+    for name, param in tuned.get_base_model().state_dict().items():
+        if "lora_" not in name:
+            key = name.replace(".base_layer", "")
+            torch.testing.assert_close(param, original_state[key], atol=0, rtol=0)
+
+
+def test_stage_commands_rerun_on_the_saved_run(tiny_run):
+    cfg, run = tiny_run
+    before = run.metrics()["probe"]
+    again = run_stage("probe", cfg, run, Models(cfg, run))  # adapter reloaded from disk
+    for space in ("hidden", "values"):
+        for condition in ("tuned", "original"):
+            assert again[space][condition] == pytest.approx(before[space][condition], abs=1e-5)
+
+
+def test_training_again_never_overwrites_the_adapter(tiny_run):
+    cfg, run = tiny_run
+    stamp = (run.adapter_dir / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(UserError, match="already exists"):
+        run_stage("train", cfg, run)
+    assert (run.adapter_dir / "adapter_model.safetensors").read_bytes() == stamp
+
+
+def test_corrupt_adapter_gives_a_clear_error(tiny_run, tmp_path, tiny_model_dir):
+    _, run = tiny_run
+    broken = tmp_path / "adapter"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_bytes((run.adapter_dir / "adapter_config.json").read_bytes())
+    (broken / "adapter_model.safetensors").write_bytes((run.adapter_dir / "adapter_model.safetensors").read_bytes()[:100])
+    base, _ = load_model(ModelConfig(name=tiny_model_dir))
+    with pytest.raises(UserError, match="corrupt"):
+        load_adapter(base, broken)
+
+
+def test_same_seed_same_data_and_metrics(tiny_run, tmp_path):
+    cfg, run = tiny_run
+    again = run_experiment(cfg, tmp_path / "again", stages=("data", "train"))
+    assert again.train_file.read_bytes() == run.train_file.read_bytes()
+    assert read_jsonl(again.train_log) == read_jsonl(run.train_log)
