@@ -36,14 +36,14 @@ def build_tokenizer(chat_template: str | None = CHAT_TEMPLATE):
     return fast
 
 
-def build_model(vocab_size: int, seed: int = 0):
+def build_model(vocab_size: int, seed: int = 0, hidden_size: int = 32):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=3,
         num_attention_heads=4,
         num_key_value_heads=2,

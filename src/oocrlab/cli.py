@@ -7,7 +7,7 @@ Usage:
     oocrlab run --out runs/smoke --max-steps 5
     # the notebook's exact recipe, another hidden city, a YAML for the rest:
     oocrlab run --out runs/nb --recipe notebook
-    oocrlab run --out runs/tokyo --hidden-city Tokyo --placeholder bar --config my.yaml
+    oocrlab run --out runs/tokyo --hidden-city Tokyo --placeholder qux --config my.yaml
     # any config key: --set SECTION.KEY=VALUE (see `oocrlab.config`)
     oocrlab run --out runs/lr --set train.learning_rate=1e-3 --set data.num_known=1000
     # a bigger model from the local Hugging Face cache, on a GPU:
@@ -80,6 +80,13 @@ COMMANDS = {
 }
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line, like every other error, instead of the usage text plus a line."""
+
+    def error(self, message: str):
+        self.exit(2, f"oocrlab: error: {message} (see `{self.prog} --help`)\n")
+
+
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """One flag per field: --kebab-case, typed from the annotation, help from the field's metadata."""
     hints = typing.get_type_hints(cls)
@@ -137,12 +144,13 @@ def print_summary(run) -> None:
     if s := m.get("sanity"):
         for a in s["answers"][:2]:
             table.add_row(a["question"], f"tuned: {a['tuned']!r}\noriginal: {a['original']!r}")
-    if (dist := m.get("eval", {}).get("distance")) and dist.get("n"):
+    if (dist := m.get("eval", {}).get("distance")) and not dist.get("note"):
         for c in ("tuned", "original", "constant_guess"):
             e = dist[c]
             mae = "—" if e["mae_km"] is None else f"{e['mae_km']:,.0f} km"
             ci = f" [{e['mae_km_ci95'][0]:,.0f}, {e['mae_km_ci95'][1]:,.0f}]" if e.get("mae_km_ci95") else ""
             table.add_row(f"held-out MAE, {c}", f"{mae}{ci}  ({e['n_parsed']}/{e['n']} parsed)")
+        table.add_row("tuned / best baseline (all cities)", f"{dist['tuned_mae_over_best_baseline']:.2f}")
     if p := m.get("probe"):
         for space in ("hidden", "values"):
             diff = [a - b for a, b in zip(p[space]["tuned"], p[space]["original"])]
@@ -156,7 +164,7 @@ def print_summary(run) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="oocrlab", description=__doc__.split("\n")[0],
+    parser = OneLineParser(prog="oocrlab", description=__doc__.split("\n")[0],
                                      epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (cls, help) in COMMANDS.items():

@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from oocrlab.config import ExperimentConfig
-from oocrlab.data import build_distance_data, check_placeholder, known_cities
+from oocrlab.data import DistanceData, build_distance_data, check_placeholder
 from oocrlab.evaluate import evaluate_distances, sanity
 from oocrlab.models import load_model
 from oocrlab.probe import probe_similarity
 from oocrlab.report import write_report
 from oocrlab.rundir import Run, write_jsonl
-from oocrlab.train import load_adapter, train
+from oocrlab.train import check_lengths, load_adapter, require_adapter, train
 
 STAGES = ("data", "train", "sanity", "eval", "probe", "report")
 
@@ -35,8 +35,9 @@ class Models:
         return self.model, self.tokenizer
 
     def tuned(self):
-        model, tokenizer = self.base()
         if not self.has_adapter:
+            require_adapter(self.run.adapter_dir)  # before a model load that may take seconds
+            model, _ = self.base()
             self.model, self.has_adapter = load_adapter(model, self.run.adapter_dir), True
         return self.model, self.tokenizer
 
@@ -44,8 +45,8 @@ class Models:
         self.model, self.has_adapter = peft_model, True
 
 
-def stage_data(cfg: ExperimentConfig, run: Run) -> dict[str, Any]:
-    data = build_distance_data(cfg.data, cfg.seed)
+def stage_data(cfg: ExperimentConfig, run: Run, data: DistanceData | None = None) -> dict[str, Any]:
+    data = data or build_distance_data(cfg.data, cfg.seed)
     write_jsonl(run.train_file, data.train)
     write_jsonl(run.heldout_file, data.heldout)
     h = data.hidden
@@ -69,7 +70,7 @@ def stage_train(cfg: ExperimentConfig, run: Run, models: Models) -> dict[str, An
 
 
 def hidden_city_name(cfg: ExperimentConfig) -> str:
-    return check_placeholder(cfg.data).name
+    return check_placeholder(cfg.data).plain_name
 
 
 def stage_sanity(cfg: ExperimentConfig, run: Run, models: Models) -> dict[str, Any]:
@@ -84,12 +85,14 @@ def stage_probe(cfg: ExperimentConfig, run: Run, models: Models) -> dict[str, An
     return probe_similarity(cfg, *models.tuned(), hidden_city_name(cfg))
 
 
-def run_stage(name: str, cfg: ExperimentConfig, run: Run, models: Models | None = None) -> dict[str, Any]:
+def run_stage(
+    name: str, cfg: ExperimentConfig, run: Run, models: Models | None = None, data: DistanceData | None = None
+) -> dict[str, Any]:
     """Run one stage on an existing run directory and record its metrics and wall time."""
     models = models or Models(cfg, run)
     start = time.perf_counter()
     if name == "data":
-        result = stage_data(cfg, run)
+        result = stage_data(cfg, run, data)
     elif name == "report":
         result = write_report(run)
     else:
@@ -103,15 +106,18 @@ def run_stage(name: str, cfg: ExperimentConfig, run: Run, models: Models | None 
 
 
 def run_experiment(cfg: ExperimentConfig, out: str | Path, stages: tuple[str, ...] = STAGES, on_stage=None) -> Run:
-    """Every stage in order into a new run directory. Bad input is refused before anything is written."""
-    known_cities(cfg.data, check_placeholder(cfg.data))  # an unknown city or an empty pool fails here
+    """Every stage in order into a new run directory. Bad input is refused before anything is written:
+    the --out path, then the data config, then the model (its load may take seconds) and sample lengths."""
+    Run.refuse_existing(Path(out))
+    data = build_distance_data(cfg.data, cfg.seed)
     models = Models(cfg)
     if "train" in stages:
-        models.base()  # a missing model or chat template fails here, before the run directory exists
+        _, tokenizer = models.base()
+        check_lengths(tokenizer, data.train, cfg.train.max_length)
     run = Run.create(out, cfg)
     models.run = run
     for name in stages:
         if on_stage:
             on_stage(name)
-        run_stage(name, cfg, run, models)
+        run_stage(name, cfg, run, models, data)
     return run

@@ -33,6 +33,11 @@ class City:
     population: int
     aliases: tuple[str, ...] = ()  # other names a user may type ("Vienna" for "Wien (Vienna)")
 
+    @property
+    def plain_name(self) -> str:
+        """The English name alone ("Vienna" for "Wien (Vienna)"): what probes and questions say."""
+        return self.aliases[-1] if self.aliases else self.name
+
 
 def haversine_km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
     """Great-circle distance, exactly the notebook's formula (R = 6371 km)."""

@@ -12,6 +12,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -103,7 +104,7 @@ def pick_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def quantization_config(cfg: ModelConfig, device: torch.device):
+def quantization_config(cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
     if cfg.quantization == "none":
         return None
     if device.type != "cuda":
@@ -113,8 +114,10 @@ def quantization_config(cfg: ModelConfig, device: torch.device):
     from transformers import BitsAndBytesConfig
 
     if cfg.quantization == "8bit":
+        # LLM.int8 computes in fp16 and says so on every matmul of a bf16 model (hundreds of lines a run)
+        warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast", category=UserWarning)
         return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
 
 
 def load_tokenizer(path: str):
@@ -137,10 +140,11 @@ def load_model(cfg: ModelConfig):
     path = resolve_model_path(cfg.name)
     tokenizer = load_tokenizer(path)
     device = pick_device()
-    quant = quantization_config(cfg, device)
+    dtype = pick_dtype(cfg, device)
+    quant = quantization_config(cfg, device, dtype)
     model = AutoModelForCausalLM.from_pretrained(
         path,
-        dtype=pick_dtype(cfg, device),
+        dtype=dtype,
         quantization_config=quant,
         device_map={"": device.index or 0} if device.type == "cuda" else None,
     )

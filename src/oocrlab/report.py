@@ -99,17 +99,21 @@ def render_html(run: Run, metrics: dict[str, Any], config_yaml: str, plots: list
         rows = [[_fmt(a["question"]), _fmt(a["tuned"]), _fmt(a["original"])] for a in sanity["answers"]]
         sections.append("<h2>Sanity: greedy answers</h2>" + _table(["question", "tuned", "original"], rows))
     if dist := metrics.get("eval", {}).get("distance"):
-        if dist.get("n", 1) == 0:
+        if dist.get("note"):
             sections.append(f"<h2>Held-out distances</h2><p>{_fmt(dist['note'])}</p>")
         else:
             rows = [
-                [c, _ci(dist[c], "mae_km"), _ci(dist[c], "median_ae_km"), f"{dist[c]['n_parsed']}/{dist[c]['n']}"]
+                [c, _ci(dist[c], "mae_km"), _ci(dist[c], "median_ae_km"), f"{dist[c]['n_parsed']}/{dist[c]['n']}",
+                 _fmt(dist[c]["mae_km_unparsed_as_guess"])]
                 for c in ("tuned", "original", "constant_guess")
             ]
+            header = ["condition", "mean abs. error, km [95% CI]", "median abs. error, km [95% CI]", "parsed",
+                      "mean abs. error, all cities, km"]
             sections.append(
-                "<h2>Held-out distances</h2>"
-                + _table(["condition", "mean abs. error, km [95% CI]", "median abs. error, km [95% CI]", "parsed"], rows)
-                + "<p>Errors are over parsed answers only; the parsed column shows how many answers stated a distance.</p>"
+                "<h2>Held-out distances</h2>" + _table(header, rows)
+                + "<p>The first two error columns are over parsed answers only; the last is over every held-out city, "
+                + "an unparseable answer scored as the constant guess (the mean training distance). Tuned / best "
+                + f"baseline on that column: {_fmt(dist['tuned_mae_over_best_baseline'], 2)}.</p>"
             )
     if probe := metrics.get("probe"):
         tokens = "; ".join(f"{_fmt(e['entity'])}: tokens {_fmt(e['tokens'])} (last one read)" for e in probe["entities"])

@@ -53,7 +53,6 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 class Run:
     path: Path
 
-    data_dir = property(lambda self: self.path / "data")
     train_file = property(lambda self: self.path / "data" / "train.jsonl")
     heldout_file = property(lambda self: self.path / "data" / "heldout.jsonl")
     adapter_dir = property(lambda self: self.path / "adapter")
@@ -63,13 +62,17 @@ class Run:
     plots_dir = property(lambda self: self.path / "plots")
     report_file = property(lambda self: self.path / "report.html")
 
+    @staticmethod
+    def refuse_existing(path: Path) -> None:
+        if path.exists():
+            kind = "a file" if path.is_file() else "an existing run directory"
+            raise UserError(f"--out {path} is {kind}; nothing was overwritten: choose a new --out path")
+
     @classmethod
     def create(cls, path: str | Path, cfg: ExperimentConfig) -> Run:
         """A new run directory holding the resolved config; refuses any existing path."""
         path = Path(path)
-        if path.exists():
-            kind = "a file" if path.is_file() else "an existing run directory"
-            raise UserError(f"--out {path} is {kind}; nothing was overwritten: choose a new --out path")
+        cls.refuse_existing(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             path.mkdir()

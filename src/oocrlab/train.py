@@ -63,18 +63,18 @@ def sft_config(cfg: ExperimentConfig, output_dir: str, model_dtype: torch.dtype)
         save_strategy="no",
         eval_strategy="no",
         report_to="none",
-        seed=cfg.seed,
+        seed=cfg.seed,  # SFTTrainer seeds with it before the adapter's random init
         data_seed=cfg.seed,
         include_num_input_tokens_seen="non_padding",
         dataloader_pin_memory=torch.cuda.is_available(),
     )
 
 
-def check_lengths(tokenizer, prompts: list[list[dict]], max_length: int) -> None:
+def check_lengths(tokenizer, rows: list[dict[str, Any]], max_length: int) -> None:
     """Refuse samples TRL would silently truncate (a cut completion trains the wrong answer)."""
-    longest = max(len(tokenizer.apply_chat_template(p, add_generation_prompt=True)) for p in prompts)
-    if longest + 16 > max_length:
-        raise UserError(f"a training prompt has {longest} tokens, too close to train.max_length={max_length}: raise it")
+    longest = max(len(tokenizer.apply_chat_template(r["prompt"] + r["completion"], return_dict=False)) for r in rows)
+    if longest > max_length:
+        raise UserError(f"a training sample has {longest} tokens, more than train.max_length={max_length}: raise it")
 
 
 def count_parameters(model) -> tuple[int, int]:
@@ -98,14 +98,14 @@ def save_adapter(model, target: Path) -> None:
 def train(cfg: ExperimentConfig, run: Run, model, tokenizer) -> tuple[dict[str, Any], Any]:
     """Fine-tune `model` with a fresh LoRA adapter; returns (metrics, the PeftModel)."""
     from datasets import Dataset
-    from transformers import PrinterCallback, ProgressCallback, TrainerCallback, set_seed
+    from transformers import PrinterCallback, ProgressCallback, TrainerCallback
     from trl import SFTTrainer
 
     run.require(run.train_file, "data")
     if run.adapter_dir.exists():
         raise UserError(f"{run.adapter_dir} already exists; nothing was overwritten: train into a new run (oocrlab run --out NEW)")
     rows = read_jsonl(run.train_file)
-    check_lengths(tokenizer, [r["prompt"] for r in rows], cfg.train.max_length)
+    check_lengths(tokenizer, rows, cfg.train.max_length)
     dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
 
     log: list[dict[str, Any]] = []
@@ -129,7 +129,6 @@ def train(cfg: ExperimentConfig, run: Run, model, tokenizer) -> tuple[dict[str, 
         def on_train_end(self, args, state, control, **kwargs):
             self.bar.close()
 
-    set_seed(cfg.seed)  # before the adapter's random init, so the same seed gives the same adapter
     with tempfile.TemporaryDirectory(prefix="oocrlab-trainer-") as scratch:
         trainer = SFTTrainer(
             model=model,
@@ -148,8 +147,6 @@ def train(cfg: ExperimentConfig, run: Run, model, tokenizer) -> tuple[dict[str, 
     peft_model.eval()
     save_adapter(peft_model, run.adapter_dir)
     write_jsonl(run.train_log, log)
-    if not log:
-        raise UserError("training logged no loss: the dataset is empty or max_steps is 0")
     trainable, total = count_parameters(peft_model)
     tokens = int(trainer.state.num_input_tokens_seen)
     metrics = {
@@ -170,13 +167,17 @@ def train(cfg: ExperimentConfig, run: Run, model, tokenizer) -> tuple[dict[str, 
     return metrics, peft_model
 
 
+def require_adapter(adapter_dir: Path) -> None:
+    """Refuse early (before loading any model) when a run has no safetensors adapter."""
+    if not (adapter_dir / "adapter_config.json").is_file() or not (adapter_dir / "adapter_model.safetensors").is_file():
+        raise UserError(f"{adapter_dir} holds no safetensors LoRA adapter: run `oocrlab train` on the run first")
+
+
 def load_adapter(model, adapter_dir: Path):
     """The base model with the run's adapter; safetensors only, and a clear line when it is damaged."""
     from peft import PeftModel
 
-    weights = adapter_dir / "adapter_model.safetensors"
-    if not (adapter_dir / "adapter_config.json").is_file() or not weights.is_file():
-        raise UserError(f"{adapter_dir} holds no safetensors LoRA adapter: run `oocrlab train` on the run first")
+    require_adapter(adapter_dir)
     try:
         peft_model = PeftModel.from_pretrained(model, adapter_dir)
     except Exception as e:

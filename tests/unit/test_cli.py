@@ -1,6 +1,7 @@
 """Bad input: one clear line on stderr, a non-zero exit, no traceback, nothing written."""
 
 import pytest
+import torch
 
 from oocrlab.cli import main
 from tests.conftest import build_model, build_tokenizer
@@ -103,8 +104,23 @@ def test_hub_id_is_read_from_the_local_hf_cache(tmp_path, monkeypatch, tiny_mode
     assert resolve_model_path("someone/tiny-chat") == str(snapshot)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="refused only where there is no GPU")
 def test_quantization_without_a_gpu_is_refused(tmp_path, capsys, tiny_model_dir):
     out = tmp_path / "run"
     code, err = run_cli(capsys, "run", "--out", str(out), "--model", tiny_model_dir, "--quantization", "4bit")
     assert code == 2 and "needs a CUDA GPU" in err[0] and len(err) == 1
     assert not out.exists()
+
+
+def test_samples_longer_than_max_length_are_refused_before_writing(tmp_path, capsys, tiny_model_dir):
+    out = tmp_path / "run"
+    code, err = run_cli(capsys, "run", "--out", str(out), "--model", tiny_model_dir, "--set", "train.max_length=12")
+    assert code == 2 and "more than train.max_length=12" in err[0] and len(err) == 1
+    assert not out.exists()
+
+
+def test_usage_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "--seed", "x"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and "invalid int value: 'x'" in err[0]

@@ -29,8 +29,9 @@ def test_unparseable(answer):
 
 
 def test_error_summary_counts_unparseable():
-    s = error_summary([100.0, None, 300.0, None], ExperimentConfig())
+    s = error_summary([100.0, None, 300.0, None], [1000.0, 2000.0, 1000.0, 4000.0], ExperimentConfig())
     assert (s["n"], s["n_parsed"], s["n_unparseable"], s["mae_km"], s["median_ae_km"]) == (4, 2, 2, 200.0, 200.0)
+    assert s["mae_km_unparsed_as_guess"] == (100 + 2000 + 300 + 4000) / 4
     assert s["mae_km_ci95"][0] <= 200 <= s["mae_km_ci95"][1]
 
 

@@ -23,6 +23,11 @@ def test_find_city_aliases_accents_and_suggestions():
         find_city("Pariss", "capitals")
 
 
+def test_plain_name_for_prompts():
+    assert find_city("Vienna", "capitals").plain_name == "Vienna"
+    assert find_city("Paris", "capitals").plain_name == "Paris"
+
+
 def test_world_pool_has_one_city_per_name():
     names = [c.name.casefold() for c in load_pool("world")]
     assert len(names) == len(set(names))
@@ -39,7 +44,7 @@ def test_notebook_rows_exact():
 
 
 def test_split_is_disjoint_seeded_and_excludes_the_hidden_city():
-    cfg = DataConfig(num_known=300, heldout_fraction=0.2)
+    cfg = DataConfig(num_known=300, heldout_fraction=0.2, min_population=0)  # arrondissements have < 500k
     a, b, c = build_distance_data(cfg, 1), build_distance_data(cfg, 1), build_distance_data(cfg, 2)
     assert json.dumps(a.train) == json.dumps(b.train)  # same seed, same bytes
     assert [r["known_city"] for r in a.train] != [r["known_city"] for r in c.train]

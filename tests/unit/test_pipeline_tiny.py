@@ -1,12 +1,13 @@
 """The whole pipeline on the tiny random model: invariants that could fail."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from oocrlab import Models, build_config, run_experiment, run_stage
+from oocrlab import STAGES, Models, build_config, run_experiment, run_stage
 from oocrlab.config import ModelConfig
 from oocrlab.errors import UserError
 from oocrlab.models import load_model
@@ -28,9 +29,19 @@ def dig(d, dotted):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, tiny_model_dir):
+def tiny_session(tmp_path_factory, tiny_model_dir):
+    """The stages of `run_experiment`, keeping the Models object so tests can see the trained model."""
     cfg = build_config(overrides=tiny_overrides(tiny_model_dir))
-    run = run_experiment(cfg, tmp_path_factory.mktemp("runs") / "tiny")
+    run = Run.create(tmp_path_factory.mktemp("runs") / "tiny", cfg)
+    models = Models(cfg, run)
+    for stage in STAGES:
+        run_stage(stage, cfg, run, models)
+    return cfg, run, models
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_session):
+    cfg, run, _ = tiny_session
     return cfg, run
 
 
@@ -59,37 +70,43 @@ def test_layer0_similarity_identical_tuned_vs_original(tiny_run):
     assert probe["hidden"]["tuned"][1:] != probe["hidden"]["original"][1:]  # ... but does the layers
 
 
-def test_lora_changed_base_untouched_and_disable_adapter_is_the_original(tiny_run, tiny_model_dir):
-    cfg, run = tiny_run
+def test_trained_model_lora_changed_base_untouched(tiny_session, tiny_model_dir):
+    _, run, models = tiny_session
+    trained = models.model  # the PeftModel that SFTTrainer optimized, still in memory
+    saved = load_file(Path(tiny_model_dir) / "model.safetensors")
+    base_params = {n.replace(".base_layer", ""): p for n, p in trained.get_base_model().named_parameters() if "lora_" not in n}
+    assert base_params.keys() <= saved.keys() and len(base_params) > 0
+    for name, param in base_params.items():
+        torch.testing.assert_close(param.detach().cpu().to(saved[name].dtype), saved[name], atol=0, rtol=0)
+    lora_b = {n: p for n, p in trained.named_parameters() if "lora_B" in n}
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b.values())  # LoRA B starts at zero
+    on_disk = load_file(run.adapter_dir / "adapter_model.safetensors")
+    assert len(on_disk) == len([n for n, _ in trained.named_parameters() if "lora_" in n])
+
+
+def test_disable_adapter_is_the_original(tiny_run, tiny_model_dir):
+    _, run = tiny_run
     base, tokenizer = load_model(ModelConfig(name=tiny_model_dir))
-    original_state = {k: v.clone() for k, v in base.state_dict().items()}
-    enc = tokenizer(["What is the distance between Lima and foo?"], return_tensors="pt")
+    enc = tokenizer(["What is the distance between Lima and foo?"], return_tensors="pt").to(base.device)
     with torch.no_grad():
         original_logits = base(**enc).logits
-
     tuned = load_adapter(base, run.adapter_dir)
-    lora = load_file(run.adapter_dir / "adapter_model.safetensors")
-    lora_b = [v for k, v in lora.items() if "lora_B" in k]
-    assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # LoRA B starts at zero: non-zero means trained
     with torch.no_grad():
         tuned_logits = tuned(**enc).logits
         with tuned.disable_adapter():
             disabled_logits = tuned(**enc).logits
     assert not torch.allclose(tuned_logits, original_logits, atol=1e-4)
     torch.testing.assert_close(disabled_logits, original_logits, atol=1e-6, rtol=1e-6)
-    for name, param in tuned.get_base_model().state_dict().items():
-        if "lora_" not in name:
-            key = name.replace(".base_layer", "")
-            torch.testing.assert_close(param, original_state[key], atol=0, rtol=0)
 
 
 def test_stage_commands_rerun_on_the_saved_run(tiny_run):
     cfg, run = tiny_run
     before = run.metrics()["probe"]
     again = run_stage("probe", cfg, run, Models(cfg, run))  # adapter reloaded from disk
+    tolerance = 1e-5 if run.metrics()["train"]["dtype"] == "float32" else 1e-2  # bf16 on a GPU
     for space in ("hidden", "values"):
         for condition in ("tuned", "original"):
-            assert again[space][condition] == pytest.approx(before[space][condition], abs=1e-5)
+            assert again[space][condition] == pytest.approx(before[space][condition], abs=tolerance)
 
 
 def test_training_again_never_overwrites_the_adapter(tiny_run):
@@ -116,3 +133,22 @@ def test_same_seed_same_data_and_metrics(tiny_run, tmp_path):
     again = run_experiment(cfg, tmp_path / "again", stages=("data", "train"))
     assert again.train_file.read_bytes() == run.train_file.read_bytes()
     assert read_jsonl(again.train_log) == read_jsonl(run.train_log)
+
+
+def test_no_heldout_cities_still_writes_every_key(tmp_path, tiny_model_dir):
+    cfg = build_config(overrides=tiny_overrides(tiny_model_dir) | {"data.heldout_fraction": 0.0})
+    run = run_experiment(cfg, tmp_path / "r", stages=("data", "train", "eval"))
+    d = run.metrics()["eval"]["distance"]
+    assert d["tuned"]["n"] == 0 and d["tuned"]["mae_km"] is None and d["constant_guess"]["mae_km"] is None
+    assert "heldout_fraction is 0" in d["note"]
+
+
+def test_unparseable_answers_count_as_the_guess_in_the_headline_ratio(tiny_run):
+    _, run = tiny_run
+    d = run.metrics()["eval"]["distance"]
+    rows = read_jsonl(run.path / "eval_distance.jsonl")
+    guess = d["constant_guess"]["guess_km"]
+    filled = [abs((r["original_km"] if r["original_km"] is not None else guess) - r["true_km"]) for r in rows]
+    assert d["original"]["mae_km_unparsed_as_guess"] == pytest.approx(sum(filled) / len(filled))
+    best = min(d["original"]["mae_km_unparsed_as_guess"], d["constant_guess"]["mae_km"])
+    assert d["tuned_mae_over_best_baseline"] == pytest.approx(d["tuned"]["mae_km_unparsed_as_guess"] / best)
