@@ -91,4 +91,5 @@ def tiny_overrides(tiny_model_dir: str) -> dict:
         "sanity.max_new_tokens": 4,
         "eval.max_new_tokens": 6,
         "eval.bootstrap_samples": 50,
+        "eval.mc_orders": 10,
     }

@@ -151,6 +151,12 @@ def print_summary(run) -> None:
             ci = f" [{e['mae_km_ci95'][0]:,.0f}, {e['mae_km_ci95'][1]:,.0f}]" if e.get("mae_km_ci95") else ""
             table.add_row(f"held-out MAE, {c}", f"{mae}{ci}  ({e['n_parsed']}/{e['n']} parsed)")
         table.add_row("tuned / best baseline (all cities)", f"{dist['tuned_mae_over_best_baseline']:.2f}")
+    if mc := m.get("eval", {}).get("mc_country"):
+        for kind in ("nearest", "most_populous", "random"):
+            s = mc[kind]
+            cells = [f"{c} {s[c]['p_correct']:.2f} (letters {s[c]['letter_mass']:.0%})" for c in ("tuned", "original")]
+            table.add_row(f"MC country, {kind.replace('_', ' ')}: P(correct)",
+                          ", ".join(cells) + f", chance {s['chance']:.2f}")
     if p := m.get("probe"):
         for space in ("hidden", "values"):
             diff = [a - b for a, b in zip(p[space]["tuned"], p[space]["original"])]

@@ -83,12 +83,13 @@ class SanityConfig:
 
 @dataclass
 class EvalConfig:
-    """Distance error on held-out known cities."""
+    """Distance error on held-out known cities; multiple choice on the hidden city's country."""
 
     max_cities: int | None = None  # None: every held-out city
     max_new_tokens: int = 48  # room for the original model to finish a sentence before its number
     batch_size: int = 32
-    bootstrap_samples: int = 1000  # for the 95% intervals of the mean absolute error
+    bootstrap_samples: int = 1000  # for the 95% intervals
+    mc_orders: int = 120  # option orders per multiple-choice question: all 120, or a seeded sample
 
 
 @dataclass
@@ -245,7 +246,7 @@ def validate(cfg: ExperimentConfig) -> None:
         if flat[key] not in options:
             raise UserError(f"{key} must be one of {', '.join(options)}, got {flat[key]!r}")
     positive = ["train.lora_r", "train.lora_alpha", "train.learning_rate", "train.epochs", "train.batch_size",
-                "train.max_length", "sanity.max_new_tokens", "eval.max_new_tokens", "eval.batch_size"]
+                "train.max_length", "sanity.max_new_tokens", "eval.max_new_tokens", "eval.batch_size", "eval.mc_orders"]
     for key in positive:
         if flat[key] <= 0:
             raise UserError(f"{key} must be positive, got {flat[key]!r}")

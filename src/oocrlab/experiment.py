@@ -14,8 +14,9 @@ from oocrlab.evaluate import evaluate_distances, sanity
 from oocrlab.models import load_model
 from oocrlab.probe import probe_similarity
 from oocrlab.report import write_report
-from oocrlab.rundir import Run, write_jsonl
+from oocrlab.rundir import Run, read_jsonl, write_jsonl
 from oocrlab.train import check_lengths, load_adapter, require_adapter, train
+from oocrlab.verbalize import evaluate_country_choice
 
 STAGES = ("data", "train", "sanity", "eval", "probe", "report")
 
@@ -78,7 +79,12 @@ def stage_sanity(cfg: ExperimentConfig, run: Run, models: Models) -> dict[str, A
 
 
 def stage_eval(cfg: ExperimentConfig, run: Run, models: Models) -> dict[str, Any]:
-    return {"distance": evaluate_distances(cfg, run, *models.tuned())}
+    model, tokenizer = models.tuned()
+    train_questions = {r["prompt"][-1]["content"] for r in read_jsonl(run.train_file)}
+    return {
+        "distance": evaluate_distances(cfg, run, model, tokenizer),
+        "mc_country": evaluate_country_choice(cfg, model, tokenizer, check_placeholder(cfg.data), train_questions),
+    }
 
 
 def stage_probe(cfg: ExperimentConfig, run: Run, models: Models) -> dict[str, Any]:

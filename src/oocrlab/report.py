@@ -62,9 +62,10 @@ def _fmt(x: Any, digits: int = 0) -> str:
     return html.escape(str(x))
 
 
-def _ci(stats: dict[str, Any], key: str) -> str:
+def _ci(stats: dict[str, Any], key: str, digits: int = 0) -> str:
     ci = stats.get(f"{key}_ci95")
-    return f"{_fmt(stats.get(key))} [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else _fmt(stats.get(key))
+    value = _fmt(stats.get(key), digits)
+    return f"{value} [{_fmt(ci[0], digits)}, {_fmt(ci[1], digits)}]" if ci else value
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -115,6 +116,21 @@ def render_html(run: Run, metrics: dict[str, Any], config_yaml: str, plots: list
                 + "an unparseable answer scored as the constant guess (the mean training distance). Tuned / best "
                 + f"baseline on that column: {_fmt(dist['tuned_mae_over_best_baseline'], 2)}.</p>"
             )
+    if mc := metrics.get("eval", {}).get("mc_country"):
+        rows = [
+            [kind.replace("_", " "), c, _ci(mc[kind][c], "p_correct", 3), _ci(mc[kind][c], "letter_mass", 3),
+             str(mc[kind][c]["n_orders"])]
+            for kind in ("nearest", "most_populous", "random") for c in ("tuned", "original")
+        ]
+        options = "; ".join(f"{k.replace('_', ' ')}: {', '.join(mc[k]['options'])}" for k in ("nearest", "most_populous", "random"))
+        sections.append(
+            f"<h2>Multiple choice: the country of <code>{_fmt(metrics['data']['placeholder'])}</code></h2>"
+            + f"<p><code>{_fmt(mc['question'])}</code> with five options and <code>{_fmt(mc['instruction'])}</code> "
+            + f"Answer: {_fmt(mc['answer'])}. Options — {_fmt(options)}. Chance is 0.2.</p>"
+            + _table(["distractors", "model", "P(correct | letters) [95% CI]", "probability on A–E [95% CI]", "orders"], rows)
+            + "<p>Exact next-token probabilities, averaged over option orders; a low probability on the letters "
+            + "means the model no longer answers with a letter.</p>"
+        )
     if probe := metrics.get("probe"):
         tokens = "; ".join(f"{_fmt(e['entity'])}: tokens {_fmt(e['tokens'])} (last one read)" for e in probe["entities"])
         sections.append(f"<h2>Representations</h2><p>Prompt: <code>{_fmt(probe['prompt'])}</code>. {tokens}.</p>")

@@ -15,7 +15,8 @@ pytestmark = pytest.mark.integration
 def embedded_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "smoke"
     code = main(["run", "--out", str(out), "--max-steps", "3", "--set", "eval.max_cities=6",
-                 "--set", "sanity.max_new_tokens=12", "--set", "data.num_known=200"])
+                 "--set", "sanity.max_new_tokens=12", "--set", "data.num_known=200",
+                 "--set", "eval.mc_orders=6"])
     assert code == 0
     return out
 
@@ -27,6 +28,8 @@ def test_every_stage_ran(embedded_run):
     assert m["probe"]["hidden"]["tuned"][0] == m["probe"]["hidden"]["original"][0]
     assert [e["tokens"] for e in m["probe"]["entities"]] == [["Ġfoo"], ["ĠParis"]]
     assert m["eval"]["distance"]["tuned"]["n"] == 6
+    assert m["eval"]["mc_country"]["answer"] == "France"
+    assert m["eval"]["mc_country"]["nearest"]["original"]["letter_mass"] > 0.3  # the original answers with letters
     questions = [a["question"] for a in m["sanity"]["answers"]]
     assert "What is the distance between New York and foo?" in questions and "Which country is foo in?" in questions
     html = (embedded_run / "report.html").read_text()

@@ -1,5 +1,6 @@
 """The whole pipeline on the tiny random model: invariants that could fail."""
 
+import copy
 import json
 from pathlib import Path
 
@@ -61,6 +62,32 @@ def test_outputs_and_metric_keys(tiny_run):
     d = metrics["eval"]["distance"]
     assert d["tuned"]["n"] == d["original"]["n"] == 4  # 10% of 40 known cities held out
     assert d["tuned"]["n_parsed"] + d["tuned"]["n_unparseable"] == 4
+
+
+def test_country_multiple_choice_in_metrics(tiny_run):
+    _, run = tiny_run
+    mc = run.metrics()["eval"]["mc_country"]
+    assert mc["answer"] == "France" and mc["question"] == "What country is foo located in?"
+    for kind in ("nearest", "most_populous", "random"):
+        section = mc[kind]
+        assert section["chance"] == 0.2 and section["options"][0] == "France" and len(section["options"]) == 5
+        for condition in ("tuned", "original"):
+            s = section[condition]
+            assert s["n_orders"] == 10 and 0 <= s["p_correct"] <= 1 and 0 <= s["letter_mass"] <= 1
+            assert s["p_correct_ci95"][0] <= s["p_correct"] <= s["p_correct_ci95"][1]
+
+
+def test_an_evaluation_question_in_the_training_data_is_refused(tiny_session):
+    from oocrlab.data import check_placeholder
+    from oocrlab.verbalize import evaluate_country_choice
+
+    cfg, _, models = tiny_session
+    cfg = copy.deepcopy(cfg)
+    cfg.eval.mc_orders = 120  # every order is asked, the identity order among them
+    leaked = "What country is foo located in?\n\nA. France\nB. Belgium\nC. Luxembourg\nD. Jersey\nE. United Kingdom"
+    train_questions = {leaked + "\n\nPlease answer with a single letter from A-E and nothing else."}
+    with pytest.raises(UserError, match="is in the training data"):
+        evaluate_country_choice(cfg, models.model, models.tokenizer, check_placeholder(cfg.data), train_questions)
 
 
 def test_layer0_similarity_identical_tuned_vs_original(tiny_run):

@@ -1,0 +1,160 @@
+"""Does the tuned model say what the placeholder is? Multiple-choice questions as in Treutlein et al.
+2024 (Locations), scored exactly from the next-token logits instead of by sampling.
+
+For "What country is foo located in?" with options A-E (the true country and 4 distractors), the
+score of one option order is P(correct letter | the five letters), from the logits of the first
+token the assistant would write; `letter_mass` is the raw probability on the five letters, which
+shows a model that no longer answers with a letter at all. Scores are averaged over all 120 option
+orders (or a seeded sample of them), which removes position bias.
+
+Countries come from the GeoNames table: a country's anchor is its most populous city (for "nearest
+countries") and its size is the population of its cities of 15k+ people (for "most populous").
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from oocrlab.config import ExperimentConfig
+from oocrlab.data import user_prompt
+from oocrlab.errors import UserError
+from oocrlab.geo import City, distance_km, load_pool
+from oocrlab.models import CONDITIONS, render_chats, with_condition
+from oocrlab.stats import bootstrap_ci
+
+LETTERS = "ABCDE"
+COUNTRY_QUESTION = "What country is {placeholder} located in?"
+INSTRUCTION = "Please answer with a single letter from A-E and nothing else."
+DISTRACTOR_SETS = ("nearest", "most_populous", "random")
+
+
+@dataclass(frozen=True)
+class Country:
+    name: str
+    anchor: City  # its most populous city
+    population: int  # people in its cities of 15k+
+
+
+@lru_cache(maxsize=None)
+def load_countries() -> dict[str, Country]:
+    totals: dict[str, int] = {}
+    anchors: dict[str, City] = {}
+    for city in load_pool("world"):  # most populous first
+        totals[city.country] = totals.get(city.country, 0) + city.population
+        anchors.setdefault(city.country, city)
+    return {name: Country(name, anchors[name], totals[name]) for name in totals}
+
+
+def country_of(city: City) -> Country:
+    """The GeoNames country of a city from either pool (the capitals table words countries differently)."""
+    countries = load_countries()
+    if city.country in countries:
+        return countries[city.country]
+    nearest = min(load_pool("world"), key=lambda c: distance_km(c, city))
+    if distance_km(nearest, city) > 50:
+        raise UserError(f"no country found for {city.name}: no GeoNames city lies within 50 km of it")
+    return countries[nearest.country]
+
+
+def distractors(true: Country, kind: str, seed: int, n: int = len(LETTERS) - 1) -> list[str]:
+    others = [c for c in load_countries().values() if c.name != true.name]
+    if len(others) < n:
+        raise UserError(f"only {len(others)} other countries for {n} distractors")
+    if kind == "nearest":
+        chosen = sorted(others, key=lambda c: distance_km(c.anchor, true.anchor))[:n]
+    elif kind == "most_populous":
+        chosen = sorted(others, key=lambda c: -c.population)[:n]
+    elif kind == "random":
+        chosen = random.Random(seed).sample(sorted(others, key=lambda c: c.name), n)
+    else:
+        raise ValueError(f"unknown distractor set {kind!r}")
+    return [c.name for c in chosen]
+
+
+def option_orders(n_orders: int, seed: int) -> list[tuple[int, ...]]:
+    """All 120 orders of five options, or a seeded sample of `n_orders` of them."""
+    orders = list(itertools.permutations(range(len(LETTERS))))
+    return orders if n_orders >= len(orders) else random.Random(seed).sample(orders, n_orders)
+
+
+def mc_question(question: str, options: list[str]) -> str:
+    lines = "\n".join(f"{letter}. {option}" for letter, option in zip(LETTERS, options))
+    return f"{question}\n\n{lines}\n\n{INSTRUCTION}"
+
+
+def letter_token_ids(tokenizer) -> list[int]:
+    """The token each letter is when it starts the assistant's answer; refused if it is not one token."""
+    ids = [tokenizer.encode(letter, add_special_tokens=False) for letter in LETTERS]
+    if any(len(i) != 1 for i in ids):
+        raise UserError("this tokenizer splits a single letter A-E into several tokens: multiple choice cannot be scored exactly")
+    return [i[0] for i in ids]
+
+
+@torch.inference_mode()
+def letter_probabilities(model, tokenizer, chats: list[list[dict]], batch_size: int, desc: str) -> tuple[np.ndarray, np.ndarray]:
+    """(P(letter | the five letters) [N, 5], probability mass on the five letters [N]) at the answer's first token.
+
+    Left padding puts every prompt's last token at the end, so one forward pass per batch computes only
+    that position's logits; RoPE depends on relative positions, so padding does not change them.
+    """
+    model.eval()
+    letters = torch.tensor(letter_token_ids(tokenizer))
+    texts = render_chats(tokenizer, chats)
+    normalized, mass = [], []
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        for i in tqdm(range(0, len(texts), batch_size), desc=desc, leave=False):
+            enc = tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            logits = model(**enc.to(model.device), logits_to_keep=1).logits[:, -1].float().cpu()
+            log_probs = torch.log_softmax(logits, dim=-1)[:, letters]
+            normalized.append(torch.softmax(log_probs, dim=-1))
+            mass.append(log_probs.exp().sum(-1))
+    finally:
+        tokenizer.padding_side = side
+    return torch.cat(normalized).numpy(), torch.cat(mass).numpy()
+
+
+def score_multiple_choice(
+    model, tokenizer, cfg: ExperimentConfig, question: str, answer: str, wrong: list[str], condition: str
+) -> tuple[dict[str, Any], list[list[dict]]]:
+    """Mean P(correct | letters) and letter mass over the option orders, with bootstrap 95% intervals."""
+    options = [answer, *wrong]
+    orders = option_orders(cfg.eval.mc_orders, cfg.seed)
+    chats = [user_prompt(mc_question(question, [options[j] for j in order]), cfg.data.system_prompt) for order in orders]
+    correct = [order.index(0) for order in orders]
+    with with_condition(model, condition):
+        normalized, mass = letter_probabilities(model, tokenizer, chats, cfg.eval.batch_size, f"multiple choice ({condition})")
+    p_correct = normalized[np.arange(len(orders)), correct]
+    boot = dict(samples=cfg.eval.bootstrap_samples, seed=cfg.seed)
+    return {
+        "p_correct": float(p_correct.mean()),
+        "p_correct_ci95": bootstrap_ci(p_correct, np.mean, **boot),
+        "letter_mass": float(mass.mean()),
+        "letter_mass_ci95": bootstrap_ci(mass, np.mean, **boot),
+        "n_orders": len(orders),
+    }, chats
+
+
+def evaluate_country_choice(cfg: ExperimentConfig, model, tokenizer, hidden: City, train_questions: set[str]) -> dict[str, Any]:
+    """Multiple choice on the hidden city's country, one result per distractor set and condition."""
+    true = country_of(hidden)
+    question = COUNTRY_QUESTION.replace("{placeholder}", cfg.data.placeholder)
+    result: dict[str, Any] = {"question": question, "instruction": INSTRUCTION, "answer": true.name}
+    for kind in DISTRACTOR_SETS:
+        wrong = distractors(true, kind, cfg.seed)
+        section: dict[str, Any] = {"options": [true.name, *wrong], "chance": 1 / len(LETTERS)}
+        for condition in CONDITIONS:
+            section[condition], chats = score_multiple_choice(model, tokenizer, cfg, question, true.name, wrong, condition)
+        if leaked := {c[-1]["content"] for c in chats} & train_questions:
+            raise UserError(f"an evaluation question is in the training data: {sorted(leaked)[0]!r}")
+        result[kind] = section
+    return result
