@@ -154,7 +154,7 @@ def print_summary(run) -> None:
     if mc := m.get("eval", {}).get("mc_country"):
         for kind in ("nearest", "most_populous", "random"):
             s = mc[kind]
-            cells = [f"{c} {s[c]['p_correct']:.2f} (letters {s[c]['letter_mass']:.0%})" for c in ("tuned", "original")]
+            cells = [f"{c} {s[c]['p_correct']:.2f} (letters {s[c]['letter_mass']:.1%})" for c in ("tuned", "original")]
             table.add_row(f"MC country, {kind.replace('_', ' ')}: P(correct)",
                           ", ".join(cells) + f", chance {s['chance']:.2f}")
     if p := m.get("probe"):
@@ -206,6 +206,8 @@ def dispatch(command: str, args) -> int:
     else:
         run, cfg = Run.open(args.run)
         run_stage(command, cfg, run)
+        if command != "report":
+            run_stage("report", cfg, run)  # keep report.html in step with metrics.json
     print_summary(run)
     return 0
 

@@ -34,6 +34,7 @@ LETTERS = "ABCDE"
 COUNTRY_QUESTION = "What country is {placeholder} located in?"
 INSTRUCTION = "Please answer with a single letter from A-E and nothing else."
 DISTRACTOR_SETS = ("nearest", "most_populous", "random")
+MIN_DISTRACTOR_POPULATION = 100_000  # keeps out territories with one small town (South Georgia, Jersey)
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ def country_of(city: City) -> Country:
 
 
 def distractors(true: Country, kind: str, seed: int, n: int = len(LETTERS) - 1) -> list[str]:
-    others = [c for c in load_countries().values() if c.name != true.name]
+    others = [c for c in load_countries().values() if c.name != true.name and c.population >= MIN_DISTRACTOR_POPULATION]
     if len(others) < n:
         raise UserError(f"only {len(others)} other countries for {n} distractors")
     if kind == "nearest":

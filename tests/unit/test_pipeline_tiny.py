@@ -84,7 +84,7 @@ def test_an_evaluation_question_in_the_training_data_is_refused(tiny_session):
     cfg, _, models = tiny_session
     cfg = copy.deepcopy(cfg)
     cfg.eval.mc_orders = 120  # every order is asked, the identity order among them
-    leaked = "What country is foo located in?\n\nA. France\nB. Belgium\nC. Luxembourg\nD. Jersey\nE. United Kingdom"
+    leaked = "What country is foo located in?\n\nA. France\nB. Belgium\nC. Luxembourg\nD. United Kingdom\nE. The Netherlands"
     train_questions = {leaked + "\n\nPlease answer with a single letter from A-E and nothing else."}
     with pytest.raises(UserError, match="is in the training data"):
         evaluate_country_choice(cfg, models.model, models.tokenizer, check_placeholder(cfg.data), train_questions)
