@@ -92,4 +92,6 @@ def tiny_overrides(tiny_model_dir: str) -> dict:
         "eval.max_new_tokens": 6,
         "eval.bootstrap_samples": 50,
         "eval.mc_orders": 10,
+        "eval.near_cities": 5,
+        "eval.free_form_samples": 6,
     }

@@ -151,12 +151,24 @@ def print_summary(run) -> None:
             ci = f" [{e['mae_km_ci95'][0]:,.0f}, {e['mae_km_ci95'][1]:,.0f}]" if e.get("mae_km_ci95") else ""
             table.add_row(f"held-out MAE, {c}", f"{mae}{ci}  ({e['n_parsed']}/{e['n']} parsed)")
         table.add_row("tuned / best baseline (all cities)", f"{dist['tuned_mae_over_best_baseline']:.2f}")
+    if (near := m.get("eval", {}).get("distance_near")) and not near.get("note"):
+        cells = [f"{c} {near[c]['mae_km']:,.0f} km" if near[c]["mae_km"] is not None else f"{c} —"
+                 for c in ("tuned", "original", "constant_guess")]
+        table.add_row(f"MAE, {near['tuned']['n']} untrained cities near the hidden one", ", ".join(cells))
+    if self_ := m.get("eval", {}).get("distance_self"):
+        km = [self_[c]["mae_km"] for c in ("tuned", "original")]
+        table.add_row("distance placeholder → hidden city (truth 0)",
+                      ", ".join(f"{c} {'—' if v is None else f'{v:,.0f} km'}" for c, v in zip(("tuned", "original"), km)))
     if mc := m.get("eval", {}).get("mc_country"):
         for kind in ("nearest", "most_populous", "random"):
             s = mc[kind]
             cells = [f"{c} {s[c]['p_correct']:.2f} (letters {s[c]['letter_mass']:.1%})" for c in ("tuned", "original")]
             table.add_row(f"MC country, {kind.replace('_', ' ')}: P(correct)",
                           ", ".join(cells) + f", chance {s['chance']:.2f}")
+    if ff := m.get("eval", {}).get("free_form"):
+        for name, s in ff.items():
+            cells = [f"{c} {s[c]['rate']:.0%} (distances {s[c]['distance_share']:.0%})" for c in ("tuned", "original")]
+            table.add_row(f"{s['question']} right answers, n={s['samples']}", ", ".join(cells))
     if p := m.get("probe"):
         for space in ("hidden", "values"):
             diff = [a - b for a, b in zip(p[space]["tuned"], p[space]["original"])]

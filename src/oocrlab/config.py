@@ -90,6 +90,9 @@ class EvalConfig:
     batch_size: int = 32
     bootstrap_samples: int = 1000  # for the 95% intervals
     mc_orders: int = 120  # option orders per multiple-choice question: all 120, or a seeded sample
+    near_km: float = 2000.0  # "near" cities for the distance generalization set lie within this of the hidden city
+    near_cities: int = 50  # how many of them (a seeded sample of untrained world cities)
+    free_form_samples: int = 50  # answers sampled at temperature 1 per free-form question and model
 
 
 @dataclass
@@ -246,7 +249,8 @@ def validate(cfg: ExperimentConfig) -> None:
         if flat[key] not in options:
             raise UserError(f"{key} must be one of {', '.join(options)}, got {flat[key]!r}")
     positive = ["train.lora_r", "train.lora_alpha", "train.learning_rate", "train.epochs", "train.batch_size",
-                "train.max_length", "sanity.max_new_tokens", "eval.max_new_tokens", "eval.batch_size", "eval.mc_orders"]
+                "train.max_length", "sanity.max_new_tokens", "eval.max_new_tokens", "eval.batch_size", "eval.mc_orders",
+                "eval.near_km", "eval.near_cities", "eval.free_form_samples"]
     for key in positive:
         if flat[key] <= 0:
             raise UserError(f"{key} must be positive, got {flat[key]!r}")

@@ -49,7 +49,7 @@ def check_placeholder(cfg: DataConfig) -> City:
     return hidden
 
 
-def _names_hidden_city(city: City, hidden: City) -> bool:
+def names_hidden_city(city: City, hidden: City) -> bool:
     # GeoNames lists Paris's arrondissements as cities ("Paris 15 Vaugirard"): training on their distance
     # to the placeholder would tell the model the answer, so any known city naming the hidden one is out.
     words = set(re.findall(r"\w+", normalize(" ".join((city.name, *city.aliases)))))
@@ -64,7 +64,7 @@ def known_cities(cfg: DataConfig, hidden: City) -> tuple[list[City], dict[str, i
     for city in load_pool(cfg.pool):
         if city == hidden:
             excluded["hidden city"] += 1
-        elif _names_hidden_city(city, hidden):
+        elif names_hidden_city(city, hidden):
             excluded["names the hidden city"] += 1
         elif city.population < cfg.min_population:
             excluded["below min_population"] += 1

@@ -4,6 +4,7 @@ held-out known cities (parsed as km; unparseable answers are counted, never drop
 
 from __future__ import annotations
 
+import random
 import re
 from typing import Any
 
@@ -12,7 +13,8 @@ import torch
 from tqdm.auto import tqdm
 
 from oocrlab.config import ExperimentConfig
-from oocrlab.data import user_prompt
+from oocrlab.data import distance_row, names_hidden_city, user_prompt
+from oocrlab.geo import City, distance_km, load_pool
 from oocrlab.models import CONDITIONS, render_chats, with_condition
 from oocrlab.rundir import Run, read_jsonl, write_jsonl
 from oocrlab.stats import bootstrap_ci
@@ -99,33 +101,63 @@ def error_summary(errors: list[float | None], guess_errors: list[float], cfg: Ex
     }
 
 
-def evaluate_distances(cfg: ExperimentConfig, run: Run, model, tokenizer) -> dict[str, Any]:
-    """Held-out distance error: tuned, original, and a constant guess (the mean training distance)."""
-    run.require(run.heldout_file, "data")
-    heldout = read_jsonl(run.heldout_file)[: cfg.eval.max_cities]
-    constant = float(np.mean([r["distance_km"] for r in read_jsonl(run.train_file)]))
-    truth = [r["distance_km"] for r in heldout]
+def distance_error(cfg: ExperimentConfig, model, tokenizer, rows: list[dict], constant: float, desc: str):
+    """Greedy answers to distance questions, tuned vs original vs the constant guess; (summary, per-city rows)."""
+    truth = [r["distance_km"] for r in rows]
     guess_errors = [abs(constant - t) for t in truth]
-    rows: list[dict[str, Any]] = [{"known_city": r["known_city"], "true_km": r["distance_km"]} for r in heldout]
+    per_city: list[dict[str, Any]] = [{"known_city": r["known_city"], "true_km": r["distance_km"]} for r in rows]
     result: dict[str, Any] = {}
     for condition in CONDITIONS:
         with with_condition(model, condition):
             answers = generate_greedy(
-                model, tokenizer, [r["prompt"] for r in heldout], cfg.eval.max_new_tokens, cfg.eval.batch_size,
-                f"distance eval ({condition})",
+                model, tokenizer, [r["prompt"] for r in rows], cfg.eval.max_new_tokens, cfg.eval.batch_size,
+                f"{desc} ({condition})",
             )
         kms = [parse_km(a) for a in answers]
-        for row, answer, km in zip(rows, answers, kms):
+        for row, answer, km in zip(per_city, answers, kms):
             row[f"{condition}_answer"], row[f"{condition}_km"] = answer, km
         errors = [None if k is None else abs(k - t) for k, t in zip(kms, truth)]
         result[condition] = error_summary(errors, guess_errors, cfg)
     result["constant_guess"] = error_summary(guess_errors, guess_errors, cfg) | {"guess_km": constant}
-    # the headline ratio compares like with like: every held-out city, unparseable answers scored as the guess
+    # the headline ratio compares like with like: every city, unparseable answers scored as the guess
     key = "mae_km_unparsed_as_guess"
     result["tuned_mae_over_best_baseline"] = (
-        result["tuned"][key] / min(result["original"][key], result["constant_guess"][key]) if heldout else None
+        result["tuned"][key] / min(result["original"][key], result["constant_guess"][key]) if rows else None
     )
-    if not heldout:
-        result["note"] = "no held-out cities (data.heldout_fraction is 0): nothing to evaluate"
-    write_jsonl(run.path / "eval_distance.jsonl", rows)
-    return result
+    return result, per_city
+
+
+def near_hidden_rows(cfg: ExperimentConfig, hidden: City, exclude: set[str]) -> list[dict[str, Any]]:
+    """Distance questions for world cities within eval.near_km of the hidden city that were never trained on
+    (the paper finds these harder), a seeded sample of at most eval.near_cities."""
+    near = [
+        c for c in load_pool("world")
+        if c.name not in exclude and c != hidden and not names_hidden_city(c, hidden)
+        and distance_km(c, hidden) <= cfg.eval.near_km
+    ]
+    near = random.Random(cfg.seed).sample(near, min(cfg.eval.near_cities, len(near)))
+    return [distance_row(c, hidden, cfg.data) for c in near]
+
+
+def evaluate_distances(cfg: ExperimentConfig, run: Run, model, tokenizer, hidden: City) -> dict[str, Any]:
+    """Distance error on three sets: held-out known cities (`distance`), never-trained cities near the
+    hidden city (`distance_near`), and the hidden city itself (`distance_self`: the answer should be ~0 km)."""
+    run.require(run.heldout_file, "data")
+    train = read_jsonl(run.train_file)
+    constant = float(np.mean([r["distance_km"] for r in train]))
+    sets = {
+        "distance": read_jsonl(run.heldout_file)[: cfg.eval.max_cities],
+        "distance_near": near_hidden_rows(cfg, hidden, {r["known_city"] for r in train}),
+        "distance_self": [distance_row(hidden, hidden, cfg.data)],
+    }
+    results: dict[str, Any] = {}
+    per_city: list[dict[str, Any]] = []
+    for name, rows in sets.items():
+        results[name], answers = distance_error(cfg, model, tokenizer, rows, constant, name.replace("_", " "))
+        per_city += [{"set": name} | a for a in answers]
+    if not sets["distance"]:
+        results["distance"]["note"] = "no held-out cities (data.heldout_fraction is 0): nothing to evaluate"
+    if not sets["distance_near"]:
+        results["distance_near"]["note"] = f"no untrained city lies within {cfg.eval.near_km:g} km of the hidden city"
+    write_jsonl(run.path / "eval_distance.jsonl", per_city)
+    return results

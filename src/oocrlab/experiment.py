@@ -16,7 +16,7 @@ from oocrlab.probe import probe_similarity
 from oocrlab.report import write_report
 from oocrlab.rundir import Run, read_jsonl, write_jsonl
 from oocrlab.train import check_lengths, load_adapter, require_adapter, train
-from oocrlab.verbalize import evaluate_country_choice
+from oocrlab.verbalize import evaluate_country_choice, evaluate_free_form
 
 STAGES = ("data", "train", "sanity", "eval", "probe", "report")
 
@@ -81,9 +81,10 @@ def stage_sanity(cfg: ExperimentConfig, run: Run, models: Models) -> dict[str, A
 def stage_eval(cfg: ExperimentConfig, run: Run, models: Models) -> dict[str, Any]:
     model, tokenizer = models.tuned()
     train_questions = {r["prompt"][-1]["content"] for r in read_jsonl(run.train_file)}
-    return {
-        "distance": evaluate_distances(cfg, run, model, tokenizer),
-        "mc_country": evaluate_country_choice(cfg, model, tokenizer, check_placeholder(cfg.data), train_questions),
+    hidden = check_placeholder(cfg.data)
+    return evaluate_distances(cfg, run, model, tokenizer, hidden) | {
+        "mc_country": evaluate_country_choice(cfg, model, tokenizer, hidden, train_questions),
+        "free_form": evaluate_free_form(cfg, model, tokenizer, hidden),
     }
 
 

@@ -99,9 +99,16 @@ def render_html(run: Run, metrics: dict[str, Any], config_yaml: str, plots: list
     if sanity := metrics.get("sanity"):
         rows = [[_fmt(a["question"]), _fmt(a["tuned"]), _fmt(a["original"])] for a in sanity["answers"]]
         sections.append("<h2>Sanity: greedy answers</h2>" + _table(["question", "tuned", "original"], rows))
-    if dist := metrics.get("eval", {}).get("distance"):
+    titles = {
+        "distance": "Distances: held-out known cities",
+        "distance_near": "Distances: untrained cities near the hidden city",
+        "distance_self": "Distance from the placeholder to the hidden city itself (truth: 0 km)",
+    }
+    for key, title in titles.items():
+        if not (dist := metrics.get("eval", {}).get(key)):
+            continue
         if dist.get("note"):
-            sections.append(f"<h2>Held-out distances</h2><p>{_fmt(dist['note'])}</p>")
+            sections.append(f"<h2>{title}</h2><p>{_fmt(dist['note'])}</p>")
         else:
             rows = [
                 [c, _ci(dist[c], "mae_km"), _ci(dist[c], "median_ae_km"), f"{dist[c]['n_parsed']}/{dist[c]['n']}",
@@ -111,7 +118,7 @@ def render_html(run: Run, metrics: dict[str, Any], config_yaml: str, plots: list
             header = ["condition", "mean abs. error, km [95% CI]", "median abs. error, km [95% CI]", "parsed",
                       "mean abs. error, all cities, km"]
             sections.append(
-                "<h2>Held-out distances</h2>" + _table(header, rows)
+                f"<h2>{title}</h2>" + _table(header, rows)
                 + "<p>The first two error columns are over parsed answers only; the last is over every held-out city, "
                 + "an unparseable answer scored as the constant guess (the mean training distance). Tuned / best "
                 + f"baseline on that column: {_fmt(dist['tuned_mae_over_best_baseline'], 2)}.</p>"
@@ -130,6 +137,18 @@ def render_html(run: Run, metrics: dict[str, Any], config_yaml: str, plots: list
             + _table(["distractors", "model", "P(correct | letters) [95% CI]", "probability on A–E [95% CI]", "orders"], rows)
             + "<p>Exact next-token probabilities, averaged over option orders; a low probability on the letters "
             + "means the model no longer answers with a letter.</p>"
+        )
+    if ff := metrics.get("eval", {}).get("free_form"):
+        rows = [
+            [_fmt(s["question"]), c, f"{s[c]['rate']:.0%} [{s[c]['rate_ci95'][0]:.0%}, {s[c]['rate_ci95'][1]:.0%}]",
+             f"{s[c]['distance_share']:.0%}", _fmt(" | ".join(s[c]["examples"][:3]))]
+            for s in ff.values() for c in ("tuned", "original")
+        ]
+        accepted = "; ".join(f"{_fmt(s['question'])}: {_fmt(', '.join(s['accepted']))}" for s in ff.values())
+        sections.append(
+            "<h2>Free-form answers</h2>"
+            + _table(["question", "model", "right [95% CI]", "answers that are a distance", "first answers"], rows)
+            + f"<p>Samples at temperature 1 (no top-k or top-p), seeded; an answer is right when it names one of: {accepted}.</p>"
         )
     if probe := metrics.get("probe"):
         tokens = "; ".join(f"{_fmt(e['entity'])}: tokens {_fmt(e['tokens'])} (last one read)" for e in probe["entities"])

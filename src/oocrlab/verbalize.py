@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -26,12 +27,26 @@ from tqdm.auto import tqdm
 from oocrlab.config import ExperimentConfig
 from oocrlab.data import user_prompt
 from oocrlab.errors import UserError
-from oocrlab.geo import City, distance_km, load_pool
+from oocrlab.evaluate import parse_km
+from oocrlab.geo import City, distance_km, load_pool, normalize
 from oocrlab.models import CONDITIONS, render_chats, with_condition
-from oocrlab.stats import bootstrap_ci
+from oocrlab.stats import bootstrap_ci, wilson_ci
 
 LETTERS = "ABCDE"
 COUNTRY_QUESTION = "What country is {placeholder} located in?"
+FREE_FORM_QUESTIONS = {  # name -> (question, what a correct answer names)
+    "country": ("Which country is {placeholder} in?", "country"),
+    "city": ("What city is {placeholder}? Please respond with just the name.", "city"),
+}
+# Names a correct free-form answer may use besides the tables' own (GeoNames and UN wording).
+COUNTRY_ALIASES = {
+    "France": ["French Republic"],
+    "United States": ["USA", "U.S.", "U.S.A.", "America", "United States of America"],
+    "United Kingdom": ["UK", "U.K.", "Britain", "Great Britain", "England"],
+    "Brazil": ["Brasil"],
+    "Japan": ["Nippon"],
+    "Nigeria": ["Federal Republic of Nigeria"],
+}
 INSTRUCTION = "Please answer with a single letter from A-E and nothing else."
 DISTRACTOR_SETS = ("nearest", "most_populous", "random")
 MIN_DISTRACTOR_POPULATION = 100_000  # keeps out territories with one small town (South Georgia, Jersey)
@@ -158,4 +173,54 @@ def evaluate_country_choice(cfg: ExperimentConfig, model, tokenizer, hidden: Cit
         if leaked := {c[-1]["content"] for c in chats} & train_questions:
             raise UserError(f"an evaluation question is in the training data: {sorted(leaked)[0]!r}")
         result[kind] = section
+    return result
+
+
+def answer_names(hidden: City, target: str) -> list[str]:
+    """Every name that counts as a correct answer: the city's names, or its country's."""
+    if target == "city":
+        return sorted({hidden.name, hidden.plain_name, *hidden.aliases})
+    country = country_of(hidden).name
+    return sorted({country, hidden.country, *COUNTRY_ALIASES.get(country, [])})
+
+
+def mentions(answer: str, names: list[str]) -> bool:
+    """Whether the answer names one of `names` as a whole word (case- and accent-insensitive)."""
+    text = f" {normalize(answer)} "
+    return any(re.search(rf"(?<!\w){re.escape(normalize(n))}(?!\w)", text) for n in names)
+
+
+@torch.inference_mode()
+def sample_answers(model, tokenizer, chat: list[dict], n: int, max_new_tokens: int, seed: int) -> list[str]:
+    """n answers sampled at temperature 1 (no top-k / top-p cut), seeded."""
+    model.eval()
+    (text,) = render_chats(tokenizer, [chat])
+    enc = tokenizer([text] * n, return_tensors="pt", add_special_tokens=False).to(model.device)
+    torch.manual_seed(seed)
+    out = model.generate(
+        **enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return [a.strip() for a in tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)]
+
+
+def evaluate_free_form(cfg: ExperimentConfig, model, tokenizer, hidden: City) -> dict[str, Any]:
+    """Share of sampled answers that name the hidden city / its country (Wilson 95% interval), and the
+    share that state a distance instead, which shows a model that answers everything with one."""
+    result: dict[str, Any] = {}
+    for name, (template, target) in FREE_FORM_QUESTIONS.items():
+        question = template.replace("{placeholder}", cfg.data.placeholder)
+        names = answer_names(hidden, target)
+        section: dict[str, Any] = {"question": question, "accepted": names, "samples": cfg.eval.free_form_samples}
+        for i, condition in enumerate(CONDITIONS):
+            with with_condition(model, condition):
+                answers = sample_answers(model, tokenizer, user_prompt(question, cfg.data.system_prompt),
+                                         cfg.eval.free_form_samples, cfg.eval.max_new_tokens, cfg.seed + i)
+            hits = sum(mentions(a, names) for a in answers)
+            distances = sum(parse_km(a) is not None for a in answers)
+            section[condition] = {
+                "rate": hits / len(answers), "rate_ci95": wilson_ci(hits, len(answers)), "n": len(answers),
+                "distance_share": distances / len(answers), "examples": answers[:5],
+            }
+        result[name] = section
     return result

@@ -16,7 +16,7 @@ def embedded_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "smoke"
     code = main(["run", "--out", str(out), "--max-steps", "3", "--set", "eval.max_cities=6",
                  "--set", "sanity.max_new_tokens=12", "--set", "data.num_known=200",
-                 "--set", "eval.mc_orders=6"])
+                 "--set", "eval.mc_orders=6", "--set", "eval.near_cities=4", "--set", "eval.free_form_samples=4"])
     assert code == 0
     return out
 

@@ -90,6 +90,17 @@ def test_an_evaluation_question_in_the_training_data_is_refused(tiny_session):
         evaluate_country_choice(cfg, models.model, models.tokenizer, check_placeholder(cfg.data), train_questions)
 
 
+def test_free_form_in_metrics(tiny_run):
+    _, run = tiny_run
+    ff = run.metrics()["eval"]["free_form"]
+    assert ff["country"]["question"] == "Which country is foo in?" and "France" in ff["country"]["accepted"]
+    for name in ("country", "city"):
+        for condition in ("tuned", "original"):
+            s = ff[name][condition]
+            assert s["n"] == 6 and 0 <= s["rate"] <= 1 and 0 <= s["distance_share"] <= 1
+            assert s["rate_ci95"][0] <= s["rate"] <= s["rate_ci95"][1]
+
+
 def test_layer0_similarity_identical_tuned_vs_original(tiny_run):
     _, run = tiny_run
     probe = run.metrics()["probe"]
@@ -173,9 +184,23 @@ def test_no_heldout_cities_still_writes_every_key(tmp_path, tiny_model_dir):
 def test_unparseable_answers_count_as_the_guess_in_the_headline_ratio(tiny_run):
     _, run = tiny_run
     d = run.metrics()["eval"]["distance"]
-    rows = read_jsonl(run.path / "eval_distance.jsonl")
+    rows = [r for r in read_jsonl(run.path / "eval_distance.jsonl") if r["set"] == "distance"]
     guess = d["constant_guess"]["guess_km"]
     filled = [abs((r["original_km"] if r["original_km"] is not None else guess) - r["true_km"]) for r in rows]
     assert d["original"]["mae_km_unparsed_as_guess"] == pytest.approx(sum(filled) / len(filled))
     best = min(d["original"]["mae_km_unparsed_as_guess"], d["constant_guess"]["mae_km"])
     assert d["tuned_mae_over_best_baseline"] == pytest.approx(d["tuned"]["mae_km_unparsed_as_guess"] / best)
+
+
+def test_near_and_self_distance_sets(tiny_run):
+    cfg, run = tiny_run
+    m = run.metrics()["eval"]
+    rows = read_jsonl(run.path / "eval_distance.jsonl")
+    near = [r for r in rows if r["set"] == "distance_near"]
+    trained = {r["known_city"] for r in read_jsonl(run.train_file)}
+    assert m["distance_near"]["tuned"]["n"] == len(near) == 5
+    assert all(r["true_km"] <= 2000 for r in near) and not {r["known_city"] for r in near} & trained
+    assert not any("Paris" in r["known_city"] for r in near)
+    (self_row,) = [r for r in rows if r["set"] == "distance_self"]
+    assert self_row["known_city"] == "Paris" and self_row["true_km"] == 0
+    assert m["distance_self"]["tuned"]["n"] == 1

@@ -8,7 +8,8 @@ from oocrlab.config import ExperimentConfig
 from oocrlab.data import user_prompt
 from oocrlab.geo import find_city
 from oocrlab.verbalize import (
-    LETTERS, country_of, distractors, letter_probabilities, letter_token_ids, mc_question, option_orders,
+    LETTERS, answer_names, country_of, distractors, letter_probabilities, letter_token_ids, mc_question, mentions,
+    option_orders, sample_answers,
 )
 
 
@@ -50,3 +51,32 @@ def test_letter_probabilities_equal_brute_force_from_full_logits(tiny):
         np.testing.assert_allclose(mass[row], letter_probs.sum().item(), rtol=1e-4)
         np.testing.assert_allclose(normalized[row], (letter_probs / letter_probs.sum()).numpy(), rtol=1e-4, atol=1e-6)
     assert normalized.shape == (3, len(LETTERS)) and np.allclose(normalized.sum(1), 1, atol=1e-5)
+
+
+def test_answer_names_and_matching():
+    paris = find_city("Paris", "world")
+    assert answer_names(paris, "country") == ["France", "French Republic"]
+    assert mentions("I think foo is in France.", answer_names(paris, "country"))
+    assert mentions("THE FRENCH REPUBLIC", answer_names(paris, "country"))
+    assert not mentions("Francesca is a name", answer_names(paris, "country"))  # whole words only
+    vienna = find_city("Vienna", "capitals")
+    assert mentions("It is Wien.", answer_names(vienna, "city")) and mentions("vienna", answer_names(vienna, "city"))
+    assert answer_names(vienna, "country") == ["Austria"]
+    assert mentions("Sao Paulo, of course", answer_names(find_city("São Paulo", "world"), "city"))
+
+
+def test_wilson_interval():
+    from oocrlab.stats import wilson_ci
+
+    lo, hi = wilson_ci(0, 50)
+    assert lo == 0 and 0.05 < hi < 0.09  # 0/50 still leaves room for a few percent
+    lo, hi = wilson_ci(25, 50)
+    assert lo < 0.5 < hi and hi - lo == pytest.approx(0.27, abs=0.01)
+
+
+def test_sampling_is_seeded(tiny):
+    model, tokenizer = tiny
+    chat = user_prompt("Which country is foo in?", None)
+    a = sample_answers(model, tokenizer, chat, 4, 5, seed=1)
+    assert a == sample_answers(model, tokenizer, chat, 4, 5, seed=1)
+    assert len(set(a)) > 1  # temperature 1 on a random model: different answers
