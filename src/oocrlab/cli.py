@@ -159,12 +159,11 @@ def print_summary(run) -> None:
         km = [self_[c]["mae_km"] for c in ("tuned", "original")]
         table.add_row("distance placeholder → hidden city (truth 0)",
                       ", ".join(f"{c} {'—' if v is None else f'{v:,.0f} km'}" for c, v in zip(("tuned", "original"), km)))
-    if mc := m.get("eval", {}).get("mc_country"):
-        for kind in ("nearest", "most_populous", "random"):
-            s = mc[kind]
-            cells = [f"{c} {s[c]['p_correct']:.2f} (letters {s[c]['letter_mass']:.1%})" for c in ("tuned", "original")]
-            table.add_row(f"MC country, {kind.replace('_', ' ')}: P(correct)",
-                          ", ".join(cells) + f", chance {s['chance']:.2f}")
+    for name, mc in m.get("eval", {}).get("multiple_choice", {}).items():
+        for kind, s in mc.items():
+            if isinstance(s, dict):  # a distractor set
+                cells = [f"{c} {s[c]['p_correct']:.2f} (letters {s[c]['letter_mass']:.1%})" for c in ("tuned", "original")]
+                table.add_row(f"MC {name}, {kind.replace('_', ' ')}: P(correct)", ", ".join(cells) + f", chance {s['chance']:.2f}")
     if ff := m.get("eval", {}).get("free_form"):
         for name, s in ff.items():
             cells = [f"{c} {s[c]['rate']:.0%} (distances {s[c]['distance_share']:.0%})" for c in ("tuned", "original")]

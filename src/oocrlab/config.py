@@ -89,7 +89,7 @@ class EvalConfig:
     max_new_tokens: int = 48  # room for the original model to finish a sentence before its number
     batch_size: int = 32
     bootstrap_samples: int = 1000  # for the 95% intervals
-    mc_orders: int = 120  # option orders per multiple-choice question: all 120, or a seeded sample
+    mc_orders: int = 40  # option orders per multiple-choice question: 120 is all of them, fewer a seeded sample
     near_km: float = 2000.0  # "near" cities for the distance generalization set lie within this of the hidden city
     near_cities: int = 50  # how many of them (a seeded sample of untrained world cities)
     free_form_samples: int = 50  # answers sampled at temperature 1 per free-form question and model

@@ -16,7 +16,7 @@ from oocrlab.probe import probe_similarity
 from oocrlab.report import write_report
 from oocrlab.rundir import Run, read_jsonl, write_jsonl
 from oocrlab.train import check_lengths, load_adapter, require_adapter, train
-from oocrlab.verbalize import evaluate_country_choice, evaluate_free_form
+from oocrlab.verbalize import evaluate_free_form, evaluate_multiple_choice
 
 STAGES = ("data", "train", "sanity", "eval", "probe", "report")
 
@@ -83,7 +83,7 @@ def stage_eval(cfg: ExperimentConfig, run: Run, models: Models) -> dict[str, Any
     train_questions = {r["prompt"][-1]["content"] for r in read_jsonl(run.train_file)}
     hidden = check_placeholder(cfg.data)
     return evaluate_distances(cfg, run, model, tokenizer, hidden) | {
-        "mc_country": evaluate_country_choice(cfg, model, tokenizer, hidden, train_questions),
+        "multiple_choice": evaluate_multiple_choice(cfg, model, tokenizer, hidden, train_questions),
         "free_form": evaluate_free_form(cfg, model, tokenizer, hidden),
     }
 

@@ -123,18 +123,19 @@ def render_html(run: Run, metrics: dict[str, Any], config_yaml: str, plots: list
                 + "an unparseable answer scored as the constant guess (the mean training distance). Tuned / best "
                 + f"baseline on that column: {_fmt(dist['tuned_mae_over_best_baseline'], 2)}.</p>"
             )
-    if mc := metrics.get("eval", {}).get("mc_country"):
+    for name, mc in metrics.get("eval", {}).get("multiple_choice", {}).items():
+        kinds = [k for k, v in mc.items() if isinstance(v, dict)]
         rows = [
-            [kind.replace("_", " "), c, _ci(mc[kind][c], "p_correct", 3), _ci(mc[kind][c], "letter_mass", 3),
-             str(mc[kind][c]["n_orders"])]
-            for kind in ("nearest", "most_populous", "random") for c in ("tuned", "original")
+            [kind.replace("_", " "), c, _ci(mc[kind][c], "p_correct", 3), _ci(mc[kind][c], "letter_mass", 3)]
+            for kind in kinds for c in ("tuned", "original")
         ]
-        options = "; ".join(f"{k.replace('_', ' ')}: {', '.join(mc[k]['options'])}" for k in ("nearest", "most_populous", "random"))
+        options = "; ".join(f"{k.replace('_', ' ')}: {', '.join(mc[k]['options'])}" for k in kinds)
         sections.append(
-            f"<h2>Multiple choice: the country of <code>{_fmt(metrics['data']['placeholder'])}</code></h2>"
+            f"<h2>Multiple choice: the {name} of <code>{_fmt(metrics['data']['placeholder'])}</code></h2>"
             + f"<p><code>{_fmt(mc['question'])}</code> with five options and <code>{_fmt(mc['instruction'])}</code> "
-            + f"Answer: {_fmt(mc['answer'])}. Options — {_fmt(options)}. Chance is 0.2.</p>"
-            + _table(["distractors", "model", "P(correct | letters) [95% CI]", "probability on A–E [95% CI]", "orders"], rows)
+            + f"Answer: {_fmt(mc['answer'])}. Options — {_fmt(options)}. Chance is 0.2; {_fmt(mc['orders'])} "
+            + "of the 120 option orders.</p>"
+            + _table(["distractors", "model", "P(correct | letters) [95% CI]", "probability on A–E [95% CI]"], rows)
             + "<p>Exact next-token probabilities, averaged over option orders; a low probability on the letters "
             + "means the model no longer answers with a letter.</p>"
         )

@@ -25,15 +25,16 @@ import torch
 from tqdm.auto import tqdm
 
 from oocrlab.config import ExperimentConfig
-from oocrlab.data import user_prompt
 from oocrlab.errors import UserError
 from oocrlab.evaluate import parse_km
+from oocrlab.data import names_hidden_city, user_prompt
 from oocrlab.geo import City, distance_km, load_pool, normalize
 from oocrlab.models import CONDITIONS, render_chats, with_condition
 from oocrlab.stats import bootstrap_ci, wilson_ci
 
 LETTERS = "ABCDE"
 COUNTRY_QUESTION = "What country is {placeholder} located in?"
+CITY_QUESTION = "What city is {placeholder}?"
 FREE_FORM_QUESTIONS = {  # name -> (question, what a correct answer names)
     "country": ("Which country is {placeholder} in?", "country"),
     "city": ("What city is {placeholder}? Please respond with just the name.", "city"),
@@ -48,7 +49,6 @@ COUNTRY_ALIASES = {
     "Nigeria": ["Federal Republic of Nigeria"],
 }
 INSTRUCTION = "Please answer with a single letter from A-E and nothing else."
-DISTRACTOR_SETS = ("nearest", "most_populous", "random")
 MIN_DISTRACTOR_POPULATION = 100_000  # keeps out territories with one small town (South Georgia, Jersey)
 
 
@@ -80,19 +80,51 @@ def country_of(city: City) -> Country:
     return countries[nearest.country]
 
 
-def distractors(true: Country, kind: str, seed: int, n: int = len(LETTERS) - 1) -> list[str]:
+def _take(candidates: list[str], what: str, n: int = len(LETTERS) - 1) -> list[str]:
+    if len(candidates) < n:
+        raise UserError(f"only {len(candidates)} {what} for {n} multiple-choice distractors: choose another hidden city")
+    return candidates[:n]
+
+
+def nearest_countries(true: Country) -> list[Country]:
     others = [c for c in load_countries().values() if c.name != true.name and c.population >= MIN_DISTRACTOR_POPULATION]
-    if len(others) < n:
-        raise UserError(f"only {len(others)} other countries for {n} distractors")
-    if kind == "nearest":
-        chosen = sorted(others, key=lambda c: distance_km(c.anchor, true.anchor))[:n]
-    elif kind == "most_populous":
-        chosen = sorted(others, key=lambda c: -c.population)[:n]
-    elif kind == "random":
-        chosen = random.Random(seed).sample(sorted(others, key=lambda c: c.name), n)
-    else:
-        raise ValueError(f"unknown distractor set {kind!r}")
-    return [c.name for c in chosen]
+    return sorted(others, key=lambda c: distance_km(c.anchor, true.anchor))
+
+
+def country_distractors(true: Country, seed: int) -> dict[str, list[str]]:
+    """Wrong countries: the nearest ones, the most populous ones, and a seeded random draw."""
+    others = nearest_countries(true)
+    names = sorted(c.name for c in others)
+    return {
+        "nearest": _take([c.name for c in others], "other countries"),
+        "most_populous": _take([c.name for c in sorted(others, key=lambda c: -c.population)], "other countries"),
+        "random": _take(random.Random(seed).sample(names, min(len(names), len(LETTERS) - 1)), "other countries"),
+    }
+
+
+@lru_cache(maxsize=None)
+def capitals_by_country() -> dict[str, City]:
+    """GeoNames country name -> its capital from the UN table (the first one where a country has two)."""
+    capitals: dict[str, City] = {}
+    for capital in load_pool("capitals"):
+        try:
+            capitals.setdefault(country_of(capital).name, capital)
+        except UserError:  # a capital with no GeoNames city within 50 km (a few islands): not an option
+            continue
+    return capitals
+
+
+def city_distractors(hidden: City) -> dict[str, list[str]]:
+    """Wrong cities: capitals of the nearest countries, the most populous cities, cities in the same country."""
+    true = country_of(hidden)
+    capitals = capitals_by_country()
+    others = [c for c in load_pool("world") if not names_hidden_city(c, hidden) and distance_km(c, hidden) > 50]
+    return {
+        "nearby_capitals": _take([capitals[c.name].plain_name for c in nearest_countries(true) if c.name in capitals],
+                                 "capitals of nearby countries"),
+        "most_populous": _take([c.name for c in others], "other cities"),
+        "same_country": _take([c.name for c in others if c.country == true.name], f"other cities in {true.name}"),
+    }
 
 
 def option_orders(n_orders: int, seed: int) -> list[tuple[int, ...]]:
@@ -160,20 +192,33 @@ def score_multiple_choice(
     }, chats
 
 
-def evaluate_country_choice(cfg: ExperimentConfig, model, tokenizer, hidden: City, train_questions: set[str]) -> dict[str, Any]:
-    """Multiple choice on the hidden city's country, one result per distractor set and condition."""
-    true = country_of(hidden)
-    question = COUNTRY_QUESTION.replace("{placeholder}", cfg.data.placeholder)
-    result: dict[str, Any] = {"question": question, "instruction": INSTRUCTION, "answer": true.name}
-    for kind in DISTRACTOR_SETS:
-        wrong = distractors(true, kind, cfg.seed)
-        section: dict[str, Any] = {"options": [true.name, *wrong], "chance": 1 / len(LETTERS)}
+def evaluate_choice(
+    cfg: ExperimentConfig, model, tokenizer, template: str, answer: str, wrong_sets: dict[str, list[str]],
+    train_questions: set[str],
+) -> dict[str, Any]:
+    """One multiple-choice question, one result per distractor set and condition."""
+    question = template.replace("{placeholder}", cfg.data.placeholder)
+    orders = "all" if cfg.eval.mc_orders >= 120 else f"a seeded sample of {cfg.eval.mc_orders}"
+    result: dict[str, Any] = {"question": question, "instruction": INSTRUCTION, "answer": answer, "orders": orders}
+    for kind, wrong in wrong_sets.items():
+        section: dict[str, Any] = {"options": [answer, *wrong], "chance": 1 / len(LETTERS)}
         for condition in CONDITIONS:
-            section[condition], chats = score_multiple_choice(model, tokenizer, cfg, question, true.name, wrong, condition)
+            section[condition], chats = score_multiple_choice(model, tokenizer, cfg, question, answer, wrong, condition)
         if leaked := {c[-1]["content"] for c in chats} & train_questions:
             raise UserError(f"an evaluation question is in the training data: {sorted(leaked)[0]!r}")
         result[kind] = section
     return result
+
+
+def evaluate_multiple_choice(cfg: ExperimentConfig, model, tokenizer, hidden: City, train_questions: set[str]) -> dict[str, Any]:
+    """The country and the city of the placeholder as multiple choice: {"country": ..., "city": ...}."""
+    country = country_of(hidden).name
+    return {
+        "country": evaluate_choice(cfg, model, tokenizer, COUNTRY_QUESTION, country,
+                                   country_distractors(country_of(hidden), cfg.seed), train_questions),
+        "city": evaluate_choice(cfg, model, tokenizer, CITY_QUESTION, hidden.plain_name, city_distractors(hidden),
+                                train_questions),
+    }
 
 
 def answer_names(hidden: City, target: str) -> list[str]:

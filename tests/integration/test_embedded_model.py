@@ -28,8 +28,8 @@ def test_every_stage_ran(embedded_run):
     assert m["probe"]["hidden"]["tuned"][0] == m["probe"]["hidden"]["original"][0]
     assert [e["tokens"] for e in m["probe"]["entities"]] == [["Ġfoo"], ["ĠParis"]]
     assert m["eval"]["distance"]["tuned"]["n"] == 6
-    assert m["eval"]["mc_country"]["answer"] == "France"
-    assert m["eval"]["mc_country"]["nearest"]["original"]["letter_mass"] > 0.3  # the original answers with letters
+    assert m["eval"]["multiple_choice"]["country"]["answer"] == "France"
+    assert m["eval"]["multiple_choice"]["country"]["nearest"]["original"]["letter_mass"] > 0.3  # answers with a letter
     questions = [a["question"] for a in m["sanity"]["answers"]]
     assert "What is the distance between New York and foo?" in questions and "Which country is foo in?" in questions
     html = (embedded_run / "report.html").read_text()

@@ -64,13 +64,16 @@ def test_outputs_and_metric_keys(tiny_run):
     assert d["tuned"]["n_parsed"] + d["tuned"]["n_unparseable"] == 4
 
 
-def test_country_multiple_choice_in_metrics(tiny_run):
+def test_multiple_choice_in_metrics(tiny_run):
     _, run = tiny_run
-    mc = run.metrics()["eval"]["mc_country"]
-    assert mc["answer"] == "France" and mc["question"] == "What country is foo located in?"
-    for kind in ("nearest", "most_populous", "random"):
-        section = mc[kind]
-        assert section["chance"] == 0.2 and section["options"][0] == "France" and len(section["options"]) == 5
+    mc = run.metrics()["eval"]["multiple_choice"]
+    assert mc["country"]["answer"] == "France" and mc["country"]["question"] == "What country is foo located in?"
+    assert mc["city"]["answer"] == "Paris" and mc["city"]["orders"] == "a seeded sample of 10"
+    sections = [(mc["country"], k) for k in ("nearest", "most_populous", "random")]
+    sections += [(mc["city"], k) for k in ("nearby_capitals", "most_populous", "same_country")]
+    for question, kind in sections:
+        section = question[kind]
+        assert section["chance"] == 0.2 and section["options"][0] == question["answer"] and len(section["options"]) == 5
         for condition in ("tuned", "original"):
             s = section[condition]
             assert s["n_orders"] == 10 and 0 <= s["p_correct"] <= 1 and 0 <= s["letter_mass"] <= 1
@@ -79,7 +82,7 @@ def test_country_multiple_choice_in_metrics(tiny_run):
 
 def test_an_evaluation_question_in_the_training_data_is_refused(tiny_session):
     from oocrlab.data import check_placeholder
-    from oocrlab.verbalize import evaluate_country_choice
+    from oocrlab.verbalize import evaluate_multiple_choice
 
     cfg, _, models = tiny_session
     cfg = copy.deepcopy(cfg)
@@ -87,7 +90,7 @@ def test_an_evaluation_question_in_the_training_data_is_refused(tiny_session):
     leaked = "What country is foo located in?\n\nA. France\nB. Belgium\nC. Luxembourg\nD. United Kingdom\nE. The Netherlands"
     train_questions = {leaked + "\n\nPlease answer with a single letter from A-E and nothing else."}
     with pytest.raises(UserError, match="is in the training data"):
-        evaluate_country_choice(cfg, models.model, models.tokenizer, check_placeholder(cfg.data), train_questions)
+        evaluate_multiple_choice(cfg, models.model, models.tokenizer, check_placeholder(cfg.data), train_questions)
 
 
 def test_free_form_in_metrics(tiny_run):

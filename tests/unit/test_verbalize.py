@@ -8,7 +8,7 @@ from oocrlab.config import ExperimentConfig
 from oocrlab.data import user_prompt
 from oocrlab.geo import find_city
 from oocrlab.verbalize import (
-    LETTERS, answer_names, country_of, distractors, letter_probabilities, letter_token_ids, mc_question, mentions,
+    LETTERS, answer_names, city_distractors, country_distractors, country_of, letter_probabilities, letter_token_ids, mc_question, mentions,
     option_orders, sample_answers,
 )
 
@@ -23,10 +23,19 @@ def test_countries_and_distractors():
     paris = country_of(find_city("Paris", "world"))
     assert paris.name == "France"
     assert country_of(find_city("Vienna", "capitals")).name == "Austria"  # UN wording -> GeoNames country
-    nearest = distractors(paris, "nearest", 0)
-    assert "Belgium" in nearest and "France" not in nearest and len(nearest) == 4
-    assert distractors(paris, "most_populous", 0)[:2] == ["China", "India"]
-    assert distractors(paris, "random", 1) == distractors(paris, "random", 1) != distractors(paris, "random", 2)
+    sets = country_distractors(paris, 0)
+    assert "Belgium" in sets["nearest"] and "France" not in sets["nearest"] and len(sets["nearest"]) == 4
+    assert sets["most_populous"][:2] == ["China", "India"]
+    assert country_distractors(paris, 1)["random"] == country_distractors(paris, 1)["random"] != country_distractors(paris, 2)["random"]
+    assert all(len(v) == 4 and "France" not in v for v in sets.values())
+
+
+def test_city_distractors():
+    sets = city_distractors(find_city("Paris", "world"))
+    assert sets["nearby_capitals"][0] == "Bruxelles-Brussel" and "London" in sets["nearby_capitals"]
+    assert sets["most_populous"][0] == "Shanghai"
+    assert sets["same_country"] == ["Marseille", "Lyon", "Toulouse", "Nice"]  # no arrondissement of Paris
+    assert city_distractors(find_city("Vienna", "capitals"))["same_country"][0] == "Graz"
 
 
 def test_mc_question_layout():
