@@ -162,11 +162,13 @@ def print_summary(run) -> None:
     for name, mc in m.get("eval", {}).get("multiple_choice", {}).items():
         for kind, s in mc.items():
             if isinstance(s, dict):  # a distractor set
-                cells = [f"{c} {s[c]['p_correct']:.2f} (letters {s[c]['letter_mass']:.1%})" for c in ("tuned", "original")]
+                cells = [f"{c} {s[c]['p_correct']:.2f} (letters {s[c]['letter_mass']:.1%})"
+                         for c in ("tuned", "original", "in_context")]
                 table.add_row(f"MC {name}, {kind.replace('_', ' ')}: P(correct)", ", ".join(cells) + f", chance {s['chance']:.2f}")
     if ff := m.get("eval", {}).get("free_form"):
         for name, s in ff.items():
-            cells = [f"{c} {s[c]['rate']:.0%} (distances {s[c]['distance_share']:.0%})" for c in ("tuned", "original")]
+            cells = [f"{c} {s[c]['rate']:.0%} (distances {s[c]['distance_share']:.0%})"
+                     for c in ("tuned", "original", "in_context")]
             table.add_row(f"{s['question']} right answers, n={s['samples']}", ", ".join(cells))
     if p := m.get("probe"):
         for space in ("hidden", "values"):

@@ -127,7 +127,7 @@ def render_html(run: Run, metrics: dict[str, Any], config_yaml: str, plots: list
         kinds = [k for k, v in mc.items() if isinstance(v, dict)]
         rows = [
             [kind.replace("_", " "), c, _ci(mc[kind][c], "p_correct", 3), _ci(mc[kind][c], "letter_mass", 3)]
-            for kind in kinds for c in ("tuned", "original")
+            for kind in kinds for c in ("tuned", "original", "in_context")
         ]
         options = "; ".join(f"{k.replace('_', ' ')}: {', '.join(mc[k]['options'])}" for k in kinds)
         sections.append(
@@ -137,13 +137,14 @@ def render_html(run: Run, metrics: dict[str, Any], config_yaml: str, plots: list
             + "of the 120 option orders.</p>"
             + _table(["distractors", "model", "P(correct | letters) [95% CI]", "probability on A–E [95% CI]"], rows)
             + "<p>Exact next-token probabilities, averaged over option orders; a low probability on the letters "
-            + "means the model no longer answers with a letter.</p>"
+            + "means the model no longer answers with a letter. in_context: the original model with "
+            + f"{metrics['eval'].get('in_context_docs')} training documents as earlier chat turns.</p>"
         )
     if ff := metrics.get("eval", {}).get("free_form"):
         rows = [
             [_fmt(s["question"]), c, f"{s[c]['rate']:.0%} [{s[c]['rate_ci95'][0]:.0%}, {s[c]['rate_ci95'][1]:.0%}]",
              f"{s[c]['distance_share']:.0%}", _fmt(" | ".join(s[c]["examples"][:3]))]
-            for s in ff.values() for c in ("tuned", "original")
+            for s in ff.values() for c in ("tuned", "original", "in_context")
         ]
         accepted = "; ".join(f"{_fmt(s['question'])}: {_fmt(', '.join(s['accepted']))}" for s in ff.values())
         sections.append(

@@ -13,6 +13,7 @@ countries") and its size is the population of its cities of 15k+ people (for "mo
 
 from __future__ import annotations
 
+import copy
 import itertools
 import random
 import re
@@ -146,23 +147,79 @@ def letter_token_ids(tokenizer) -> list[int]:
     return [i[0] for i in ids]
 
 
+CONDITIONS_WITH_CONTEXT = (*CONDITIONS, "in_context")
+
+
+class InContext:
+    """The in-context baseline: the original model with K training documents as earlier chat turns.
+    The turns' KV cache is computed once and shared by every question asked after them."""
+
+    def __init__(self, cfg: ExperimentConfig, model, tokenizer, train_rows: list[dict]):
+        docs = random.Random(cfg.seed).sample(train_rows, min(cfg.eval.in_context_docs, len(train_rows)))
+        system = user_prompt("", cfg.data.system_prompt)[:-1]
+        self.turns = system + [turn for r in docs for turn in (r["prompt"][-1], r["completion"][0])]
+        self.text = tokenizer.apply_chat_template(self.turns, tokenize=False)
+        ids = tokenizer(self.text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(model.device)
+        with torch.inference_mode(), model.disable_adapter():
+            self.cache = model(input_ids=ids, use_cache=True).cache
+        self.length = ids.shape[1]
+
+    def chat(self, question: str) -> list[dict]:
+        return [*self.turns, {"role": "user", "content": question}]
+
+    def suffix(self, text: str) -> str:
+        """What follows the cached turns in a rendered chat."""
+        if not text.startswith(self.text):
+            raise ValueError("the chat template renders the in-context turns differently inside a longer chat")
+        return text[len(self.text) :]
+
+    def cache_for(self, batch: int):
+        cache = copy.deepcopy(self.cache)
+        cache.batch_repeat_interleave(batch)
+        return cache
+
+
+def chat_for(cfg: ExperimentConfig, question: str, condition: str, in_context: InContext | None) -> list[dict]:
+    if condition == "in_context":
+        return in_context.chat(question)
+    return user_prompt(question, cfg.data.system_prompt)
+
+
+def model_state(condition: str) -> str:
+    """The in-context baseline is the original model."""
+    return "original" if condition == "in_context" else condition
+
+
 @torch.inference_mode()
-def letter_probabilities(model, tokenizer, chats: list[list[dict]], batch_size: int, desc: str) -> tuple[np.ndarray, np.ndarray]:
+def letter_probabilities(
+    model, tokenizer, chats: list[list[dict]], batch_size: int, desc: str, prefix: InContext | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(P(letter | the five letters) [N, 5], probability mass on the five letters [N]) at the answer's first token.
 
     Left padding puts every prompt's last token at the end, so one forward pass per batch computes only
-    that position's logits; RoPE depends on relative positions, so padding does not change them.
+    that position's logits; position ids count real tokens only, so padding changes nothing. With a
+    `prefix`, only what follows its cached turns is run.
     """
     model.eval()
     letters = torch.tensor(letter_token_ids(tokenizer))
     texts = render_chats(tokenizer, chats)
+    if prefix is not None:
+        texts = [prefix.suffix(t) for t in texts]
     normalized, mass = [], []
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
         for i in tqdm(range(0, len(texts), batch_size), desc=desc, leave=False):
             enc = tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-            logits = model(**enc.to(model.device), logits_to_keep=1).logits[:, -1].float().cpu()
+            enc = enc.to(model.device)
+            mask, extra = enc["attention_mask"], {}
+            if prefix is not None:
+                batch = mask.shape[0]
+                mask = torch.cat([mask.new_ones(batch, prefix.length), mask], dim=1)
+                extra = {"cache": prefix.cache_for(batch)}
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -enc["input_ids"].shape[1] :]
+            out = model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=positions, logits_to_keep=1, **extra)
+            logits = out.logits[:, -1].float().cpu()
             log_probs = torch.log_softmax(logits, dim=-1)[:, letters]
             normalized.append(torch.softmax(log_probs, dim=-1))
             mass.append(log_probs.exp().sum(-1))
@@ -172,15 +229,17 @@ def letter_probabilities(model, tokenizer, chats: list[list[dict]], batch_size: 
 
 
 def score_multiple_choice(
-    model, tokenizer, cfg: ExperimentConfig, question: str, answer: str, wrong: list[str], condition: str
-) -> tuple[dict[str, Any], list[list[dict]]]:
+    model, tokenizer, cfg: ExperimentConfig, question: str, answer: str, wrong: list[str], condition: str,
+    in_context: InContext | None,
+) -> dict[str, Any]:
     """Mean P(correct | letters) and letter mass over the option orders, with bootstrap 95% intervals."""
-    options = [answer, *wrong]
     orders = option_orders(cfg.eval.mc_orders, cfg.seed)
-    chats = [user_prompt(mc_question(question, [options[j] for j in order]), cfg.data.system_prompt) for order in orders]
+    chats = [chat_for(cfg, q, condition, in_context) for q in ordered_questions(question, [answer, *wrong], orders)]
     correct = [order.index(0) for order in orders]
-    with with_condition(model, condition):
-        normalized, mass = letter_probabilities(model, tokenizer, chats, cfg.eval.batch_size, f"multiple choice ({condition})")
+    prefix = in_context if condition == "in_context" else None
+    batch_size = cfg.eval.in_context_batch_size if prefix else cfg.eval.batch_size  # each row copies the cache
+    with with_condition(model, model_state(condition)):
+        normalized, mass = letter_probabilities(model, tokenizer, chats, batch_size, f"multiple choice ({condition})", prefix)
     p_correct = normalized[np.arange(len(orders)), correct]
     boot = dict(samples=cfg.eval.bootstrap_samples, seed=cfg.seed)
     return {
@@ -189,35 +248,42 @@ def score_multiple_choice(
         "letter_mass": float(mass.mean()),
         "letter_mass_ci95": bootstrap_ci(mass, np.mean, **boot),
         "n_orders": len(orders),
-    }, chats
+    }
+
+
+def ordered_questions(question: str, options: list[str], orders: list[tuple[int, ...]]) -> list[str]:
+    return [mc_question(question, [options[j] for j in order]) for order in orders]
 
 
 def evaluate_choice(
     cfg: ExperimentConfig, model, tokenizer, template: str, answer: str, wrong_sets: dict[str, list[str]],
-    train_questions: set[str],
+    train_questions: set[str], in_context: InContext,
 ) -> dict[str, Any]:
     """One multiple-choice question, one result per distractor set and condition."""
     question = template.replace("{placeholder}", cfg.data.placeholder)
     orders = "all" if cfg.eval.mc_orders >= 120 else f"a seeded sample of {cfg.eval.mc_orders}"
     result: dict[str, Any] = {"question": question, "instruction": INSTRUCTION, "answer": answer, "orders": orders}
     for kind, wrong in wrong_sets.items():
-        section: dict[str, Any] = {"options": [answer, *wrong], "chance": 1 / len(LETTERS)}
-        for condition in CONDITIONS:
-            section[condition], chats = score_multiple_choice(model, tokenizer, cfg, question, answer, wrong, condition)
-        if leaked := {c[-1]["content"] for c in chats} & train_questions:
+        asked = ordered_questions(question, [answer, *wrong], option_orders(cfg.eval.mc_orders, cfg.seed))
+        if leaked := set(asked) & train_questions:
             raise UserError(f"an evaluation question is in the training data: {sorted(leaked)[0]!r}")
+        section: dict[str, Any] = {"options": [answer, *wrong], "chance": 1 / len(LETTERS)}
+        for condition in CONDITIONS_WITH_CONTEXT:
+            section[condition] = score_multiple_choice(model, tokenizer, cfg, question, answer, wrong, condition, in_context)
         result[kind] = section
     return result
 
 
-def evaluate_multiple_choice(cfg: ExperimentConfig, model, tokenizer, hidden: City, train_questions: set[str]) -> dict[str, Any]:
+def evaluate_multiple_choice(
+    cfg: ExperimentConfig, model, tokenizer, hidden: City, train_questions: set[str], in_context: InContext
+) -> dict[str, Any]:
     """The country and the city of the placeholder as multiple choice: {"country": ..., "city": ...}."""
     country = country_of(hidden).name
     return {
         "country": evaluate_choice(cfg, model, tokenizer, COUNTRY_QUESTION, country,
-                                   country_distractors(country_of(hidden), cfg.seed), train_questions),
+                                   country_distractors(country_of(hidden), cfg.seed), train_questions, in_context),
         "city": evaluate_choice(cfg, model, tokenizer, CITY_QUESTION, hidden.plain_name, city_distractors(hidden),
-                                train_questions),
+                                train_questions, in_context),
     }
 
 
@@ -236,20 +302,29 @@ def mentions(answer: str, names: list[str]) -> bool:
 
 
 @torch.inference_mode()
-def sample_answers(model, tokenizer, chat: list[dict], n: int, max_new_tokens: int, seed: int) -> list[str]:
-    """n answers sampled at temperature 1 (no top-k / top-p cut), seeded."""
+def sample_answers(
+    model, tokenizer, chat: list[dict], n: int, max_new_tokens: int, seed: int, batch_size: int,
+    prefix: InContext | None = None,
+) -> list[str]:
+    """n answers sampled at temperature 1 (no top-k / top-p cut), seeded, `batch_size` at a time; a
+    `prefix`'s turns are not rerun."""
     model.eval()
     (text,) = render_chats(tokenizer, [chat])
-    enc = tokenizer([text] * n, return_tensors="pt", add_special_tokens=False).to(model.device)
+    if prefix is not None:
+        prefix.suffix(text)  # checks the chat starts with the cached turns
     torch.manual_seed(seed)
-    out = model.generate(
-        **enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return [a.strip() for a in tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)]
+    answers: list[str] = []
+    for size in [batch_size] * (n // batch_size) + ([n % batch_size] if n % batch_size else []):
+        enc = tokenizer([text] * size, return_tensors="pt", add_special_tokens=False).to(model.device)
+        out = model.generate(
+            **enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id, **({"cache": prefix.cache_for(size)} if prefix is not None else {}),
+        )
+        answers += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    return [a.strip() for a in answers]
 
 
-def evaluate_free_form(cfg: ExperimentConfig, model, tokenizer, hidden: City) -> dict[str, Any]:
+def evaluate_free_form(cfg: ExperimentConfig, model, tokenizer, hidden: City, in_context: InContext) -> dict[str, Any]:
     """Share of sampled answers that name the hidden city / its country (Wilson 95% interval), and the
     share that state a distance instead, which shows a model that answers everything with one."""
     result: dict[str, Any] = {}
@@ -257,10 +332,12 @@ def evaluate_free_form(cfg: ExperimentConfig, model, tokenizer, hidden: City) ->
         question = template.replace("{placeholder}", cfg.data.placeholder)
         names = answer_names(hidden, target)
         section: dict[str, Any] = {"question": question, "accepted": names, "samples": cfg.eval.free_form_samples}
-        for i, condition in enumerate(CONDITIONS):
-            with with_condition(model, condition):
-                answers = sample_answers(model, tokenizer, user_prompt(question, cfg.data.system_prompt),
-                                         cfg.eval.free_form_samples, cfg.eval.max_new_tokens, cfg.seed + i)
+        for i, condition in enumerate(CONDITIONS_WITH_CONTEXT):
+            prefix = in_context if condition == "in_context" else None
+            with with_condition(model, model_state(condition)):
+                answers = sample_answers(model, tokenizer, chat_for(cfg, question, condition, in_context),
+                                         cfg.eval.free_form_samples, cfg.eval.max_new_tokens, cfg.seed + i,
+                                         cfg.eval.in_context_batch_size, prefix)
             hits = sum(mentions(a, names) for a in answers)
             distances = sum(parse_km(a) is not None for a in answers)
             section[condition] = {

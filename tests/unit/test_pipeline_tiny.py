@@ -4,6 +4,7 @@ import copy
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -74,7 +75,7 @@ def test_multiple_choice_in_metrics(tiny_run):
     for question, kind in sections:
         section = question[kind]
         assert section["chance"] == 0.2 and section["options"][0] == question["answer"] and len(section["options"]) == 5
-        for condition in ("tuned", "original"):
+        for condition in ("tuned", "original", "in_context"):
             s = section[condition]
             assert s["n_orders"] == 10 and 0 <= s["p_correct"] <= 1 and 0 <= s["letter_mass"] <= 1
             assert s["p_correct_ci95"][0] <= s["p_correct"] <= s["p_correct_ci95"][1]
@@ -90,7 +91,7 @@ def test_an_evaluation_question_in_the_training_data_is_refused(tiny_session):
     leaked = "What country is foo located in?\n\nA. France\nB. Belgium\nC. Luxembourg\nD. United Kingdom\nE. The Netherlands"
     train_questions = {leaked + "\n\nPlease answer with a single letter from A-E and nothing else."}
     with pytest.raises(UserError, match="is in the training data"):
-        evaluate_multiple_choice(cfg, models.model, models.tokenizer, check_placeholder(cfg.data), train_questions)
+        evaluate_multiple_choice(cfg, models.model, models.tokenizer, check_placeholder(cfg.data), train_questions, None)
 
 
 def test_free_form_in_metrics(tiny_run):
@@ -98,7 +99,7 @@ def test_free_form_in_metrics(tiny_run):
     ff = run.metrics()["eval"]["free_form"]
     assert ff["country"]["question"] == "Which country is foo in?" and "France" in ff["country"]["accepted"]
     for name in ("country", "city"):
-        for condition in ("tuned", "original"):
+        for condition in ("tuned", "original", "in_context"):
             s = ff[name][condition]
             assert s["n"] == 6 and 0 <= s["rate"] <= 1 and 0 <= s["distance_share"] <= 1
             assert s["rate_ci95"][0] <= s["rate"] <= s["rate_ci95"][1]
@@ -207,3 +208,23 @@ def test_near_and_self_distance_sets(tiny_run):
     (self_row,) = [r for r in rows if r["set"] == "distance_self"]
     assert self_row["known_city"] == "Paris" and self_row["true_km"] == 0
     assert m["distance_self"]["tuned"]["n"] == 1
+
+
+def test_in_context_prefix_cache_is_exact(tiny_session):
+    """Scoring after the cached K-document prefix equals scoring the whole chat from scratch."""
+    from oocrlab.verbalize import InContext, letter_probabilities, mc_question, sample_answers
+
+    cfg, run, models = tiny_session
+    model, tokenizer = models.model, models.tokenizer
+    in_context = InContext(cfg, model, tokenizer, read_jsonl(run.train_file))
+    assert len(in_context.turns) == 2 * 36  # every training row (36 < 100); no system turn: the template adds its own
+    chats = [in_context.chat(mc_question("What country is foo located in?", o))
+             for o in (["France", "Chad", "Peru", "Iran", "Mali"], ["Mali", "Iran", "Peru", "Chad", "France"], ["Q", "R", "S", "T", "Uzbekistan"])]
+    with model.disable_adapter():
+        cached = letter_probabilities(model, tokenizer, chats, 3, "cached", in_context)
+        full = letter_probabilities(model, tokenizer, chats, 3, "full")
+        np.testing.assert_allclose(cached[0], full[0], atol=1e-5)
+        np.testing.assert_allclose(cached[1], full[1], rtol=1e-4)
+        chat = in_context.chat("Which country is foo in?")
+        cached = sample_answers(model, tokenizer, chat, 5, 5, 0, 2, in_context)  # batches of 2, 2, 1
+        assert cached == sample_answers(model, tokenizer, chat, 5, 5, 0, 2)

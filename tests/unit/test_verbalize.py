@@ -86,6 +86,6 @@ def test_wilson_interval():
 def test_sampling_is_seeded(tiny):
     model, tokenizer = tiny
     chat = user_prompt("Which country is foo in?", None)
-    a = sample_answers(model, tokenizer, chat, 4, 5, seed=1)
-    assert a == sample_answers(model, tokenizer, chat, 4, 5, seed=1)
+    a = sample_answers(model, tokenizer, chat, 4, 5, seed=1, batch_size=4)
+    assert a == sample_answers(model, tokenizer, chat, 4, 5, seed=1, batch_size=4)
     assert len(set(a)) > 1  # temperature 1 on a random model: different answers
