@@ -93,6 +93,7 @@ class EvalConfig:
     near_km: float = 2000.0  # "near" cities for the distance generalization set lie within this of the hidden city
     near_cities: int = 50  # how many of them (a seeded sample of untrained world cities)
     free_form_samples: int = 50  # answers sampled at temperature 1 per free-form question and model
+    free_form_max_new_tokens: int = 24  # a name or a distance comes early; the rest is chatter
     in_context_docs: int = 100  # training documents shown as earlier chat turns in the in-context baseline
     in_context_batch_size: int = 8  # rows per batch after those turns (and free-form samples at a time): each
     #                                 row holds a copy of their KV cache (~0.1 GB for SmolLM2-135M and 100 turns)
@@ -253,7 +254,7 @@ def validate(cfg: ExperimentConfig) -> None:
             raise UserError(f"{key} must be one of {', '.join(options)}, got {flat[key]!r}")
     positive = ["train.lora_r", "train.lora_alpha", "train.learning_rate", "train.epochs", "train.batch_size",
                 "train.max_length", "sanity.max_new_tokens", "eval.max_new_tokens", "eval.batch_size", "eval.mc_orders",
-                "eval.near_km", "eval.near_cities", "eval.free_form_samples", "eval.in_context_docs",
+                "eval.near_km", "eval.near_cities", "eval.free_form_samples", "eval.free_form_max_new_tokens", "eval.in_context_docs",
                 "eval.in_context_batch_size"]
     for key in positive:
         if flat[key] <= 0:

@@ -13,6 +13,7 @@ countries") and its size is the population of its cities of 15k+ people (for "mo
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import random
@@ -163,6 +164,7 @@ class InContext:
         with torch.inference_mode(), model.disable_adapter():
             self.cache = model(input_ids=ids, use_cache=True).cache
         self.length = ids.shape[1]
+        self._expanded: dict[int, Any] = {}  # batch size -> the cache repeated that many times
 
     def chat(self, question: str) -> list[dict]:
         return [*self.turns, {"role": "user", "content": question}]
@@ -173,10 +175,18 @@ class InContext:
             raise ValueError("the chat template renders the in-context turns differently inside a longer chat")
         return text[len(self.text) :]
 
+    @contextlib.contextmanager
     def cache_for(self, batch: int):
-        cache = copy.deepcopy(self.cache)
-        cache.batch_repeat_interleave(batch)
-        return cache
+        """The turns' cache for `batch` rows; cut back to the turns afterwards, so it is copied once per size."""
+        if batch not in self._expanded:
+            self._expanded[batch] = copy.deepcopy(self.cache)
+            self._expanded[batch].batch_repeat_interleave(batch)
+        cache = self._expanded[batch]
+        try:
+            yield cache
+        finally:
+            if (extra := cache.get_seq_length() - self.length) > 0:
+                cache.crop(-extra)  # transformers 5: a negative count of tokens to remove
 
 
 def chat_for(cfg: ExperimentConfig, question: str, condition: str, in_context: InContext | None) -> list[dict]:
@@ -212,13 +222,13 @@ def letter_probabilities(
         for i in tqdm(range(0, len(texts), batch_size), desc=desc, leave=False):
             enc = tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
             enc = enc.to(model.device)
-            mask, extra = enc["attention_mask"], {}
+            mask, batch = enc["attention_mask"], enc["input_ids"].shape[0]
             if prefix is not None:
-                batch = mask.shape[0]
                 mask = torch.cat([mask.new_ones(batch, prefix.length), mask], dim=1)
-                extra = {"cache": prefix.cache_for(batch)}
             positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -enc["input_ids"].shape[1] :]
-            out = model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=positions, logits_to_keep=1, **extra)
+            with prefix.cache_for(batch) if prefix is not None else contextlib.nullcontext() as cache:
+                out = model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=positions, cache=cache,
+                            use_cache=cache is not None, logits_to_keep=1)
             logits = out.logits[:, -1].float().cpu()
             log_probs = torch.log_softmax(logits, dim=-1)[:, letters]
             normalized.append(torch.softmax(log_probs, dim=-1))
@@ -316,10 +326,11 @@ def sample_answers(
     answers: list[str] = []
     for size in [batch_size] * (n // batch_size) + ([n % batch_size] if n % batch_size else []):
         enc = tokenizer([text] * size, return_tensors="pt", add_special_tokens=False).to(model.device)
-        out = model.generate(
-            **enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id, **({"cache": prefix.cache_for(size)} if prefix is not None else {}),
-        )
+        with prefix.cache_for(size) if prefix is not None else contextlib.nullcontext() as cache:
+            out = model.generate(
+                **enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id, cache=cache,
+            )
         answers += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     return [a.strip() for a in answers]
 
@@ -335,9 +346,10 @@ def evaluate_free_form(cfg: ExperimentConfig, model, tokenizer, hidden: City, in
         for i, condition in enumerate(CONDITIONS_WITH_CONTEXT):
             prefix = in_context if condition == "in_context" else None
             with with_condition(model, model_state(condition)):
+                batch_size = cfg.eval.in_context_batch_size if prefix else cfg.eval.batch_size
                 answers = sample_answers(model, tokenizer, chat_for(cfg, question, condition, in_context),
-                                         cfg.eval.free_form_samples, cfg.eval.max_new_tokens, cfg.seed + i,
-                                         cfg.eval.in_context_batch_size, prefix)
+                                         cfg.eval.free_form_samples, cfg.eval.free_form_max_new_tokens, cfg.seed + i,
+                                         batch_size, prefix)
             hits = sum(mentions(a, names) for a in answers)
             distances = sum(parse_km(a) is not None for a in answers)
             section[condition] = {

@@ -89,3 +89,11 @@ def test_sampling_is_seeded(tiny):
     a = sample_answers(model, tokenizer, chat, 4, 5, seed=1, batch_size=4)
     assert a == sample_answers(model, tokenizer, chat, 4, 5, seed=1, batch_size=4)
     assert len(set(a)) > 1  # temperature 1 on a random model: different answers
+
+
+def test_too_few_distractors_is_a_clear_error():
+    from oocrlab.errors import UserError
+    from oocrlab.verbalize import _take
+
+    with pytest.raises(UserError, match="only 2 other cities in Monaco for 4 multiple-choice distractors"):
+        _take(["a", "b"], "other cities in Monaco")
