@@ -145,7 +145,7 @@ def print_summary(run) -> None:
         for a in s["answers"][:2]:
             table.add_row(a["question"], f"tuned: {a['tuned']!r}\noriginal: {a['original']!r}")
     if (dist := m.get("eval", {}).get("distance")) and not dist.get("note"):
-        for c in ("tuned", "original", "constant_guess"):
+        for c in ("tuned", "original", "in_context", "constant_guess"):
             e = dist[c]
             mae = "—" if e["mae_km"] is None else f"{e['mae_km']:,.0f} km"
             ci = f" [{e['mae_km_ci95'][0]:,.0f}, {e['mae_km_ci95'][1]:,.0f}]" if e.get("mae_km_ci95") else ""
@@ -153,7 +153,7 @@ def print_summary(run) -> None:
         table.add_row("tuned / best baseline (all cities)", f"{dist['tuned_mae_over_best_baseline']:.2f}")
     if (near := m.get("eval", {}).get("distance_near")) and not near.get("note"):
         cells = [f"{c} {near[c]['mae_km']:,.0f} km" if near[c]["mae_km"] is not None else f"{c} —"
-                 for c in ("tuned", "original", "constant_guess")]
+                 for c in ("tuned", "original", "in_context", "constant_guess")]
         table.add_row(f"MAE, {near['tuned']['n']} untrained cities near the hidden one", ", ".join(cells))
     if self_ := m.get("eval", {}).get("distance_self"):
         km = [self_[c]["mae_km"] for c in ("tuned", "original")]

@@ -4,6 +4,7 @@ held-out known cities (parsed as km; unparseable answers are counted, never drop
 
 from __future__ import annotations
 
+import contextlib
 import random
 import re
 from typing import Any
@@ -15,6 +16,7 @@ from tqdm.auto import tqdm
 from oocrlab.config import ExperimentConfig
 from oocrlab.data import distance_row, names_hidden_city, user_prompt
 from oocrlab.geo import City, distance_km, load_pool
+from oocrlab.incontext import CONDITIONS_WITH_CONTEXT, InContext, chat_for, model_state
 from oocrlab.models import CONDITIONS, render_chats, with_condition
 from oocrlab.rundir import Run, read_jsonl, write_jsonl
 from oocrlab.stats import bootstrap_ci
@@ -38,27 +40,40 @@ def parse_km(answer: str) -> float | None:
 
 
 @torch.inference_mode()
-def generate_greedy(model, tokenizer, chats: list[list[dict]], max_new_tokens: int, batch_size: int, desc: str) -> list[str]:
-    """Greedy answers, batched with left padding and an explicit attention mask and pad token."""
+def generate_greedy(
+    model, tokenizer, chats: list[list[dict]], max_new_tokens: int, batch_size: int, desc: str,
+    prefix: InContext | None = None,
+) -> list[str]:
+    """Greedy answers, batched with left padding and an explicit attention mask and pad token. With a
+    `prefix`, every chat starts with its cached turns and only the rest is run (the padding then sits
+    between the two; generate's position ids count real tokens only, so nothing shifts)."""
     model.eval()
     texts = render_chats(tokenizer, chats)
+    if prefix is not None:
+        texts = [prefix.suffix(t) for t in texts]
     answers: list[str] = []
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation continues from the right end of every row
     try:
         for i in tqdm(range(0, len(texts), batch_size), desc=desc, leave=False):
             enc = tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-            enc = enc.to(model.device)
-            out = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            new = out[:, enc["input_ids"].shape[1] :]
+            ids, mask = enc["input_ids"].to(model.device), enc["attention_mask"].to(model.device)
+            if prefix is not None:
+                ids = torch.cat([prefix.ids.expand(len(ids), -1), ids], dim=1)
+                mask = torch.cat([mask.new_ones(len(mask), prefix.length), mask], dim=1)
+            with prefix.cache_for(len(ids)) if prefix is not None else contextlib.nullcontext() as cache:
+                out = model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    cache=cache,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    temperature=None,
+                    top_p=None,
+                    top_k=None,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+            new = out[:, ids.shape[1] :]
             answers += [a.strip() for a in tokenizer.batch_decode(new, skip_special_tokens=True)]
     finally:
         tokenizer.padding_side = side
@@ -101,17 +116,22 @@ def error_summary(errors: list[float | None], guess_errors: list[float], cfg: Ex
     }
 
 
-def distance_error(cfg: ExperimentConfig, model, tokenizer, rows: list[dict], constant: float, desc: str):
-    """Greedy answers to distance questions, tuned vs original vs the constant guess; (summary, per-city rows)."""
+def distance_error(
+    cfg: ExperimentConfig, model, tokenizer, rows: list[dict], constant: float, desc: str, in_context: InContext
+):
+    """Greedy answers to distance questions, tuned vs original vs in-context vs the constant guess;
+    (summary, per-city rows)."""
     truth = [r["distance_km"] for r in rows]
     guess_errors = [abs(constant - t) for t in truth]
     per_city: list[dict[str, Any]] = [{"known_city": r["known_city"], "true_km": r["distance_km"]} for r in rows]
     result: dict[str, Any] = {}
-    for condition in CONDITIONS:
-        with with_condition(model, condition):
+    for condition in CONDITIONS_WITH_CONTEXT:
+        prefix = in_context if condition == "in_context" else None
+        chats = [chat_for(cfg, r["prompt"][-1]["content"], condition, in_context) for r in rows]
+        with with_condition(model, model_state(condition)):
             answers = generate_greedy(
-                model, tokenizer, [r["prompt"] for r in rows], cfg.eval.max_new_tokens, cfg.eval.batch_size,
-                f"{desc} ({condition})",
+                model, tokenizer, chats, cfg.eval.max_new_tokens,
+                cfg.eval.in_context_batch_size if prefix else cfg.eval.batch_size, f"{desc} ({condition})", prefix,
             )
         kms = [parse_km(a) for a in answers]
         for row, answer, km in zip(per_city, answers, kms):
@@ -139,7 +159,9 @@ def near_hidden_rows(cfg: ExperimentConfig, hidden: City, exclude: set[str]) -> 
     return [distance_row(c, hidden, cfg.data) for c in near]
 
 
-def evaluate_distances(cfg: ExperimentConfig, run: Run, model, tokenizer, hidden: City) -> dict[str, Any]:
+def evaluate_distances(
+    cfg: ExperimentConfig, run: Run, model, tokenizer, hidden: City, in_context: InContext
+) -> dict[str, Any]:
     """Distance error on three sets: held-out known cities (`distance`), never-trained cities near the
     hidden city (`distance_near`), and the hidden city itself (`distance_self`: the answer should be ~0 km)."""
     run.require(run.heldout_file, "data")
@@ -153,7 +175,7 @@ def evaluate_distances(cfg: ExperimentConfig, run: Run, model, tokenizer, hidden
     results: dict[str, Any] = {}
     per_city: list[dict[str, Any]] = []
     for name, rows in sets.items():
-        results[name], answers = distance_error(cfg, model, tokenizer, rows, constant, name.replace("_", " "))
+        results[name], answers = distance_error(cfg, model, tokenizer, rows, constant, name.replace("_", " "), in_context)
         per_city += [{"set": name} | a for a in answers]
     if not sets["distance"]:
         results["distance"]["note"] = "no held-out cities (data.heldout_fraction is 0): nothing to evaluate"

@@ -16,7 +16,8 @@ from oocrlab.probe import probe_similarity
 from oocrlab.report import write_report
 from oocrlab.rundir import Run, read_jsonl, write_jsonl
 from oocrlab.train import check_lengths, load_adapter, require_adapter, train
-from oocrlab.verbalize import InContext, evaluate_free_form, evaluate_multiple_choice
+from oocrlab.incontext import InContext
+from oocrlab.verbalize import evaluate_free_form, evaluate_multiple_choice
 
 STAGES = ("data", "train", "sanity", "eval", "probe", "report")
 
@@ -84,7 +85,7 @@ def stage_eval(cfg: ExperimentConfig, run: Run, models: Models) -> dict[str, Any
     hidden = check_placeholder(cfg.data)
     in_context = InContext(cfg, model, tokenizer, train_rows)
     train_questions = {r["prompt"][-1]["content"] for r in train_rows}
-    return evaluate_distances(cfg, run, model, tokenizer, hidden) | {
+    return evaluate_distances(cfg, run, model, tokenizer, hidden, in_context) | {
         "multiple_choice": evaluate_multiple_choice(cfg, model, tokenizer, hidden, train_questions, in_context),
         "free_form": evaluate_free_form(cfg, model, tokenizer, hidden, in_context),
         "in_context_docs": len(in_context.turns) // 2,

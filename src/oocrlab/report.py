@@ -113,7 +113,7 @@ def render_html(run: Run, metrics: dict[str, Any], config_yaml: str, plots: list
             rows = [
                 [c, _ci(dist[c], "mae_km"), _ci(dist[c], "median_ae_km"), f"{dist[c]['n_parsed']}/{dist[c]['n']}",
                  _fmt(dist[c]["mae_km_unparsed_as_guess"])]
-                for c in ("tuned", "original", "constant_guess")
+                for c in ("tuned", "original", "in_context", "constant_guess")
             ]
             header = ["condition", "mean abs. error, km [95% CI]", "median abs. error, km [95% CI]", "parsed",
                       "mean abs. error, all cities, km"]

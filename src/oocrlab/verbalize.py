@@ -14,7 +14,6 @@ countries") and its size is the population of its cities of 15k+ people (for "mo
 from __future__ import annotations
 
 import contextlib
-import copy
 import itertools
 import random
 import re
@@ -31,7 +30,8 @@ from oocrlab.errors import UserError
 from oocrlab.evaluate import parse_km
 from oocrlab.data import names_hidden_city, user_prompt
 from oocrlab.geo import City, distance_km, load_pool, normalize
-from oocrlab.models import CONDITIONS, render_chats, with_condition
+from oocrlab.incontext import CONDITIONS_WITH_CONTEXT, InContext, chat_for, model_state
+from oocrlab.models import render_chats, with_condition
 from oocrlab.stats import bootstrap_ci, wilson_ci
 
 LETTERS = "ABCDE"
@@ -146,58 +146,6 @@ def letter_token_ids(tokenizer) -> list[int]:
     if any(len(i) != 1 for i in ids):
         raise UserError("this tokenizer splits a single letter A-E into several tokens: multiple choice cannot be scored exactly")
     return [i[0] for i in ids]
-
-
-CONDITIONS_WITH_CONTEXT = (*CONDITIONS, "in_context")
-
-
-class InContext:
-    """The in-context baseline: the original model with K training documents as earlier chat turns.
-    The turns' KV cache is computed once and shared by every question asked after them."""
-
-    def __init__(self, cfg: ExperimentConfig, model, tokenizer, train_rows: list[dict]):
-        docs = random.Random(cfg.seed).sample(train_rows, min(cfg.eval.in_context_docs, len(train_rows)))
-        system = user_prompt("", cfg.data.system_prompt)[:-1]
-        self.turns = system + [turn for r in docs for turn in (r["prompt"][-1], r["completion"][0])]
-        self.text = tokenizer.apply_chat_template(self.turns, tokenize=False)
-        ids = tokenizer(self.text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(model.device)
-        with torch.inference_mode(), model.disable_adapter():
-            self.cache = model(input_ids=ids, use_cache=True).cache
-        self.length = ids.shape[1]
-        self._expanded: dict[int, Any] = {}  # batch size -> the cache repeated that many times
-
-    def chat(self, question: str) -> list[dict]:
-        return [*self.turns, {"role": "user", "content": question}]
-
-    def suffix(self, text: str) -> str:
-        """What follows the cached turns in a rendered chat."""
-        if not text.startswith(self.text):
-            raise ValueError("the chat template renders the in-context turns differently inside a longer chat")
-        return text[len(self.text) :]
-
-    @contextlib.contextmanager
-    def cache_for(self, batch: int):
-        """The turns' cache for `batch` rows; cut back to the turns afterwards, so it is copied once per size."""
-        if batch not in self._expanded:
-            self._expanded[batch] = copy.deepcopy(self.cache)
-            self._expanded[batch].batch_repeat_interleave(batch)
-        cache = self._expanded[batch]
-        try:
-            yield cache
-        finally:
-            if (extra := cache.get_seq_length() - self.length) > 0:
-                cache.crop(-extra)  # transformers 5: a negative count of tokens to remove
-
-
-def chat_for(cfg: ExperimentConfig, question: str, condition: str, in_context: InContext | None) -> list[dict]:
-    if condition == "in_context":
-        return in_context.chat(question)
-    return user_prompt(question, cfg.data.system_prompt)
-
-
-def model_state(condition: str) -> str:
-    """The in-context baseline is the original model."""
-    return "original" if condition == "in_context" else condition
 
 
 @torch.inference_mode()

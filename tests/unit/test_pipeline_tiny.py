@@ -208,11 +208,15 @@ def test_near_and_self_distance_sets(tiny_run):
     (self_row,) = [r for r in rows if r["set"] == "distance_self"]
     assert self_row["known_city"] == "Paris" and self_row["true_km"] == 0
     assert m["distance_self"]["tuned"]["n"] == 1
+    assert m["distance"]["in_context"]["n"] == m["distance"]["tuned"]["n"]
+    assert {"in_context_answer", "in_context_km"} <= near[0].keys()
 
 
 def test_in_context_prefix_cache_is_exact(tiny_session):
     """Scoring after the cached K-document prefix equals scoring the whole chat from scratch."""
-    from oocrlab.verbalize import InContext, letter_probabilities, mc_question, sample_answers
+    from oocrlab.evaluate import generate_greedy
+    from oocrlab.incontext import InContext
+    from oocrlab.verbalize import letter_probabilities, mc_question, sample_answers
 
     cfg, run, models = tiny_session
     model, tokenizer = models.model, models.tokenizer
@@ -228,3 +232,8 @@ def test_in_context_prefix_cache_is_exact(tiny_session):
         chat = in_context.chat("Which country is foo in?")
         cached = sample_answers(model, tokenizer, chat, 5, 5, 0, 2, in_context)  # batches of 2, 2, 1
         assert cached == sample_answers(model, tokenizer, chat, 5, 5, 0, 2)
+        # questions of different lengths: left padding sits between the cached turns and the question
+        chats = [in_context.chat(q) for q in ("Hi?", "What is the distance between Ouagadougou and foo, in km?")]
+        assert generate_greedy(model, tokenizer, chats, 6, 2, "cached", in_context) == [
+            generate_greedy(model, tokenizer, [c], 6, 1, "full")[0] for c in chats
+        ]
