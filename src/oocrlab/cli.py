@@ -156,9 +156,11 @@ def print_summary(run) -> None:
                  for c in ("tuned", "original", "in_context", "constant_guess")]
         table.add_row(f"MAE, {near['tuned']['n']} untrained cities near the hidden one", ", ".join(cells))
     if self_ := m.get("eval", {}).get("distance_self"):
-        km = [self_[c]["mae_km"] for c in ("tuned", "original")]
-        table.add_row("distance placeholder → hidden city (truth 0)",
-                      ", ".join(f"{c} {'—' if v is None else f'{v:,.0f} km'}" for c, v in zip(("tuned", "original"), km)))
+        cells = []
+        for c in ("tuned", "original", "in_context"):
+            km = self_[c]["mae_km"]
+            cells.append(f"{c} {'—' if km is None else f'{km:,.0f} km'}")
+        table.add_row("distance placeholder → hidden city (truth 0)", ", ".join(cells))
     for name, mc in m.get("eval", {}).get("multiple_choice", {}).items():
         for kind, s in mc.items():
             if isinstance(s, dict):  # a distractor set
