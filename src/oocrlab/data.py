@@ -33,6 +33,12 @@ def user_prompt(question: str, system_prompt: str | None) -> list[dict[str, str]
     return [*system, {"role": "user", "content": question}]
 
 
+def refuse_leaks(questions: list[str], train_questions: set[str]) -> None:
+    """An evaluation question that is also a training prompt would measure memory, not inference."""
+    if leaked := set(questions) & train_questions:
+        raise UserError(f"an evaluation question is in the training data: {sorted(leaked)[0]!r}")
+
+
 def check_placeholder(cfg: DataConfig) -> City:
     """The hidden city, after refusing placeholders that would leak it or be ambiguous."""
     hidden = find_city(cfg.hidden_city, cfg.pool)

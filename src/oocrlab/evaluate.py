@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from oocrlab.config import ExperimentConfig
-from oocrlab.data import distance_row, names_hidden_city, user_prompt
+from oocrlab.data import distance_row, names_hidden_city, refuse_leaks, user_prompt
 from oocrlab.geo import City, distance_km, load_pool
 from oocrlab.incontext import CONDITIONS_WITH_CONTEXT, InContext, chat_for, model_state
 from oocrlab.models import CONDITIONS, render_chats, with_condition
@@ -172,6 +172,8 @@ def evaluate_distances(
         "distance_near": near_hidden_rows(cfg, hidden, {r["known_city"] for r in train}),
         "distance_self": [distance_row(hidden, hidden, cfg.data)],
     }
+    refuse_leaks([r["prompt"][-1]["content"] for rows in sets.values() for r in rows],
+                 {r["prompt"][-1]["content"] for r in train})
     results: dict[str, Any] = {}
     per_city: list[dict[str, Any]] = []
     for name, rows in sets.items():

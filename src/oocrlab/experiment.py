@@ -87,7 +87,7 @@ def stage_eval(cfg: ExperimentConfig, run: Run, models: Models) -> dict[str, Any
     train_questions = {r["prompt"][-1]["content"] for r in train_rows}
     return evaluate_distances(cfg, run, model, tokenizer, hidden, in_context) | {
         "multiple_choice": evaluate_multiple_choice(cfg, model, tokenizer, hidden, train_questions, in_context),
-        "free_form": evaluate_free_form(cfg, model, tokenizer, hidden, in_context),
+        "free_form": evaluate_free_form(cfg, model, tokenizer, hidden, train_questions, in_context),
         "in_context_docs": len(in_context.turns) // 2,
     }
 

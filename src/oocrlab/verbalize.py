@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from oocrlab.config import ExperimentConfig
 from oocrlab.errors import UserError
 from oocrlab.evaluate import parse_km
-from oocrlab.data import names_hidden_city, user_prompt
+from oocrlab.data import names_hidden_city, refuse_leaks, user_prompt
 from oocrlab.geo import City, distance_km, load_pool, normalize
 from oocrlab.incontext import CONDITIONS_WITH_CONTEXT, InContext, chat_for, model_state
 from oocrlab.models import render_chats, with_condition
@@ -223,8 +223,7 @@ def evaluate_choice(
     result: dict[str, Any] = {"question": question, "instruction": INSTRUCTION, "answer": answer, "orders": orders}
     for kind, wrong in wrong_sets.items():
         asked = ordered_questions(question, [answer, *wrong], option_orders(cfg.eval.mc_orders, cfg.seed))
-        if leaked := set(asked) & train_questions:
-            raise UserError(f"an evaluation question is in the training data: {sorted(leaked)[0]!r}")
+        refuse_leaks(asked, train_questions)
         section: dict[str, Any] = {"options": [answer, *wrong], "chance": 1 / len(LETTERS)}
         for condition in CONDITIONS_WITH_CONTEXT:
             section[condition] = score_multiple_choice(model, tokenizer, cfg, question, answer, wrong, condition, in_context)
@@ -283,12 +282,15 @@ def sample_answers(
     return [a.strip() for a in answers]
 
 
-def evaluate_free_form(cfg: ExperimentConfig, model, tokenizer, hidden: City, in_context: InContext) -> dict[str, Any]:
+def evaluate_free_form(
+    cfg: ExperimentConfig, model, tokenizer, hidden: City, train_questions: set[str], in_context: InContext
+) -> dict[str, Any]:
     """Share of sampled answers that name the hidden city / its country (Wilson 95% interval), and the
     share that state a distance instead, which shows a model that answers everything with one."""
     result: dict[str, Any] = {}
     for name, (template, target) in FREE_FORM_QUESTIONS.items():
         question = template.replace("{placeholder}", cfg.data.placeholder)
+        refuse_leaks([question], train_questions)
         names = answer_names(hidden, target)
         section: dict[str, Any] = {"question": question, "accepted": names, "samples": cfg.eval.free_form_samples}
         for i, condition in enumerate(CONDITIONS_WITH_CONTEXT):

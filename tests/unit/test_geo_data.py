@@ -74,3 +74,11 @@ def test_system_prompt_and_decimals():
 def test_bad_data_config(change, message):
     with pytest.raises(UserError, match=message):
         build_distance_data(DataConfig(**change), 0)
+
+
+def test_refuse_leaks():
+    from oocrlab.data import refuse_leaks
+
+    refuse_leaks(["Which country is foo in?"], {"What is the distance between Lima and foo?"})
+    with pytest.raises(UserError, match="is in the training data"):
+        refuse_leaks(["Which country is foo in?"], {"Which country is foo in?"})
