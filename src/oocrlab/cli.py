@@ -168,7 +168,7 @@ def print_summary(run) -> None:
                          for c in ("tuned", "original", "in_context")]
                 table.add_row(f"MC {name}, {kind.replace('_', ' ')}: P(correct)", ", ".join(cells) + f", chance {s['chance']:.2f}")
     if ff := m.get("eval", {}).get("free_form"):
-        for name, s in ff.items():
+        for s in ff.values():
             cells = [f"{c} {s[c]['rate']:.0%} (distances {s[c]['distance_share']:.0%})"
                      for c in ("tuned", "original", "in_context")]
             table.add_row(f"{s['question']} right answers, n={s['samples']}", ", ".join(cells))

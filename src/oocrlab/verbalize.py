@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from oocrlab.config import ExperimentConfig
 from oocrlab.errors import UserError
 from oocrlab.evaluate import parse_km
-from oocrlab.data import names_hidden_city, refuse_leaks, user_prompt
+from oocrlab.data import names_hidden_city, refuse_leaks
 from oocrlab.geo import City, distance_km, load_pool, normalize
 from oocrlab.incontext import CONDITIONS_WITH_CONTEXT, InContext, chat_for, model_state
 from oocrlab.models import render_chats, with_condition

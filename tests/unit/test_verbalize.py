@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 
-from oocrlab.config import ExperimentConfig
 from oocrlab.data import user_prompt
 from oocrlab.geo import find_city
 from oocrlab.verbalize import (
@@ -45,7 +44,6 @@ def test_mc_question_layout():
 
 def test_letter_probabilities_equal_brute_force_from_full_logits(tiny):
     model, tokenizer = tiny
-    cfg = ExperimentConfig()
     chats = [user_prompt(mc_question("What country is foo located in?", opts), None)
              for opts in (["France", "Spain", "Italy", "Chad", "Peru"], ["Peru", "Chad", "France", "Italy", "Spain"],
                           ["Ouagadougou Republic", "X", "France", "Y", "Z"])]
