@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from oocrlab.config import ExperimentConfig
 from oocrlab.data import distance_row, names_hidden_city, refuse_leaks, user_prompt
 from oocrlab.geo import City, distance_km, load_pool
-from oocrlab.incontext import CONDITIONS_WITH_CONTEXT, InContext, chat_for, model_state
+from oocrlab.incontext import CONDITIONS_WITH_CONTEXT, InContext, chat_for, model_state, prefix_and_batch_size
 from oocrlab.models import CONDITIONS, render_chats, with_condition
 from oocrlab.rundir import Run, read_jsonl, write_jsonl
 from oocrlab.stats import bootstrap_ci
@@ -126,12 +126,11 @@ def distance_error(
     per_city: list[dict[str, Any]] = [{"known_city": r["known_city"], "true_km": r["distance_km"]} for r in rows]
     result: dict[str, Any] = {}
     for condition in CONDITIONS_WITH_CONTEXT:
-        prefix = in_context if condition == "in_context" else None
+        prefix, batch_size = prefix_and_batch_size(cfg, condition, in_context)
         chats = [chat_for(cfg, r["prompt"][-1]["content"], condition, in_context) for r in rows]
         with with_condition(model, model_state(condition)):
             answers = generate_greedy(
-                model, tokenizer, chats, cfg.eval.max_new_tokens,
-                cfg.eval.in_context_batch_size if prefix else cfg.eval.batch_size, f"{desc} ({condition})", prefix,
+                model, tokenizer, chats, cfg.eval.max_new_tokens, batch_size, f"{desc} ({condition})", prefix
             )
         kms = [parse_km(a) for a in answers]
         for row, answer, km in zip(per_city, answers, kms):

@@ -60,6 +60,14 @@ def chat_for(cfg: ExperimentConfig, question: str, condition: str, in_context: I
     return user_prompt(question, cfg.data.system_prompt)
 
 
+def prefix_and_batch_size(cfg: ExperimentConfig, condition: str, in_context: InContext | None) -> tuple[InContext | None, int]:
+    """The cached turns a condition reuses (in-context only) and its batch size: smaller there, since
+    each row holds a copy of the turns' cache."""
+    if condition == "in_context":
+        return in_context, cfg.eval.in_context_batch_size
+    return None, cfg.eval.batch_size
+
+
 def model_state(condition: str) -> str:
     """The in-context baseline is the original model."""
     return "original" if condition == "in_context" else condition

@@ -30,7 +30,7 @@ from oocrlab.errors import UserError
 from oocrlab.evaluate import parse_km
 from oocrlab.data import names_hidden_city, refuse_leaks
 from oocrlab.geo import City, distance_km, load_pool, normalize
-from oocrlab.incontext import CONDITIONS_WITH_CONTEXT, InContext, chat_for, model_state
+from oocrlab.incontext import CONDITIONS_WITH_CONTEXT, InContext, chat_for, model_state, prefix_and_batch_size
 from oocrlab.models import render_chats, with_condition
 from oocrlab.stats import bootstrap_ci, wilson_ci
 
@@ -194,8 +194,7 @@ def score_multiple_choice(
     orders = option_orders(cfg.eval.mc_orders, cfg.seed)
     chats = [chat_for(cfg, q, condition, in_context) for q in ordered_questions(question, [answer, *wrong], orders)]
     correct = [order.index(0) for order in orders]
-    prefix = in_context if condition == "in_context" else None
-    batch_size = cfg.eval.in_context_batch_size if prefix else cfg.eval.batch_size  # each row copies the cache
+    prefix, batch_size = prefix_and_batch_size(cfg, condition, in_context)
     with with_condition(model, model_state(condition)):
         normalized, mass = letter_probabilities(model, tokenizer, chats, batch_size, f"multiple choice ({condition})", prefix)
     p_correct = normalized[np.arange(len(orders)), correct]
@@ -294,9 +293,8 @@ def evaluate_free_form(
         names = answer_names(hidden, target)
         section: dict[str, Any] = {"question": question, "accepted": names, "samples": cfg.eval.free_form_samples}
         for i, condition in enumerate(CONDITIONS_WITH_CONTEXT):
-            prefix = in_context if condition == "in_context" else None
+            prefix, batch_size = prefix_and_batch_size(cfg, condition, in_context)
             with with_condition(model, model_state(condition)):
-                batch_size = cfg.eval.in_context_batch_size if prefix else cfg.eval.batch_size
                 answers = sample_answers(model, tokenizer, chat_for(cfg, question, condition, in_context),
                                          cfg.eval.free_form_samples, cfg.eval.free_form_max_new_tokens, cfg.seed + i,
                                          batch_size, prefix)
