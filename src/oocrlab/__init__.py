@@ -13,7 +13,8 @@ from oocrlab.evaluate import evaluate_distances, generate_greedy, parse_km, sani
 from oocrlab.experiment import STAGES, Models, run_experiment, run_stage
 from oocrlab.geo import City, find_city, haversine_km, load_pool
 from oocrlab.models import load_model
-from oocrlab.probe import activations_at, locate_entity, probe_similarity
+from oocrlab.packing import last_token_activations, next_token_log_probs
+from oocrlab.probe import locate_entity, logit_lens, probe_representations
 from oocrlab.report import write_report
 from oocrlab.rundir import Run
 from oocrlab.train import load_adapter, train
@@ -21,6 +22,6 @@ from oocrlab.train import load_adapter, train
 __all__ = [
     "ExperimentConfig", "RECIPES", "build_config", "build_distance_data", "UserError", "evaluate_distances",
     "generate_greedy", "parse_km", "sanity", "STAGES", "Models", "run_experiment", "run_stage", "City",
-    "find_city", "haversine_km", "load_pool", "load_model", "activations_at", "locate_entity",
-    "probe_similarity", "write_report", "Run", "load_adapter", "train",
+    "find_city", "haversine_km", "load_pool", "load_model", "last_token_activations", "next_token_log_probs", "locate_entity", "logit_lens",
+    "probe_representations", "write_report", "Run", "load_adapter", "train",
 ]

@@ -173,12 +173,16 @@ def print_summary(run) -> None:
                      for c in ("tuned", "original", "in_context")]
             table.add_row(f"{s['question']} right answers, n={s['samples']}", ", ".join(cells))
     if p := m.get("probe"):
-        for space in ("hidden", "values"):
-            diff = [a - b for a, b in zip(p[space]["tuned"], p[space]["original"])]
-            best = max(range(len(diff)), key=lambda i: diff[i])
-            layer = best if space == "hidden" else best + 1
-            table.add_row(f"cos({p['entities'][0]['entity']}, {p['entities'][1]['entity']}), {space}",
-                          f"largest tuned − original: {diff[best]:+.3f} at layer {layer}")
+        from oocrlab.report import significant_layers
+
+        city = p["setup"]["hidden_city"]
+        for space, first in (("hidden", 0), ("values", 1)):
+            best = {c: min(p[space][c]["rank"]["mean"]) for c in ("tuned", "original", "control_hidden", "control_other")}
+            lifted = {c: len(significant_layers(z, first)) for c, z in p["z_change_from_original"][space].items()}
+            table.add_row(f"best rank of {city} among {p['setup']['candidates'] + 1}, {space}",
+                          ", ".join(f"{c} {r:.0f}" for c, r in best.items()))
+            table.add_row(f"layers where {city} moves closer than in the original, {space}",
+                          ", ".join(f"{c} {n}" for c, n in lifted.items()) + f" (of {len(p[space]['tuned']['rank']['mean'])})")
     if run.report_file.exists():
         table.add_row("report", str(run.report_file))
     Console().print(table)

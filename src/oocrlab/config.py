@@ -101,9 +101,28 @@ class EvalConfig:
 
 @dataclass
 class ProbeConfig:
-    """The notebook's analysis: cosine(placeholder, hidden city) per layer, hidden states and values."""
+    """Is the placeholder represented like the hidden city? Per layer, over several prompt templates."""
 
-    template: str = "What is the distance between New York and {entity}?"
+    # each holds {entity} once; one that names the hidden city is skipped (stated in the output)
+    templates: list[str] = field(
+        default_factory=lambda: [
+            "What is the distance between New York and {entity}?",  # the training template, several known cities
+            "What is the distance between Tokyo and {entity}?",
+            "What is the distance between Cairo and {entity}?",
+            "What is the distance between Lima and {entity}?",
+            "What is the distance between Sydney and {entity}?",
+            "I want to travel to {entity}.",
+            "{entity} is a city.",
+            "Tell me about {entity}.",
+        ]
+    )
+    candidates: str = "capitals"  # the cities the hidden one is ranked among: capitals | world (GeoNames)
+    candidate_min_population: int = 0  # leaves small candidates out (the world pool has ~25k cities)
+    # said before every prompt by the control conditions (the original model): with the hidden city, a
+    # positive control of what "represented like the hidden city" looks like; with another, a negative one
+    control_prefix: str = "In this conversation, {placeholder} is a code name for {city}."
+    negative_controls: list[str] = field(default_factory=lambda: ["Tokyo", "Paris"])  # the first that is not the hidden city
+    patch_orders: int = 5  # option orders of the patched MC question (cyclic: the answer at each letter); 0 skips
 
 
 @dataclass
@@ -148,6 +167,7 @@ CHOICES = {
     "model.quantization": ("none", "8bit", "4bit"),
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "data.pool": ("capitals", "world"),
+    "probe.candidates": ("capitals", "world"),
 }
 
 
@@ -263,7 +283,7 @@ def validate(cfg: ExperimentConfig) -> None:
         if flat[key] is not None and flat[key] <= 0:
             raise UserError(f"{key} must be positive or null, got {flat[key]!r}")
     for key in ["data.min_population", "data.min_distance_km", "data.decimals", "train.warmup_steps",
-                "train.weight_decay", "eval.bootstrap_samples"]:
+                "train.weight_decay", "eval.bootstrap_samples", "probe.candidate_min_population"]:
         if flat[key] < 0:
             raise UserError(f"{key} must not be negative, got {flat[key]!r}")
     if not 0 <= cfg.data.heldout_fraction < 1:
@@ -272,8 +292,15 @@ def validate(cfg: ExperimentConfig) -> None:
         raise UserError(f"train.lora_dropout must be in [0, 1), got {cfg.train.lora_dropout!r}")
     if not cfg.train.lora_targets:
         raise UserError("train.lora_targets is empty: name modules such as [q_proj, v_proj], or [all-linear]")
-    if "{entity}" not in cfg.probe.template:
-        raise UserError(f"probe.template must contain {{entity}}, got {cfg.probe.template!r}")
+    if not cfg.probe.templates:
+        raise UserError("probe.templates is empty: give at least one prompt with {entity}")
+    for template in cfg.probe.templates:
+        if template.count("{entity}") != 1:
+            raise UserError(f"every probe template must contain {{entity}} once, got {template!r}")
+    if "{placeholder}" not in cfg.probe.control_prefix or "{city}" not in cfg.probe.control_prefix:
+        raise UserError(f"probe.control_prefix must contain {{placeholder}} and {{city}}, got {cfg.probe.control_prefix!r}")
+    if not 0 <= cfg.probe.patch_orders <= 5:
+        raise UserError(f"probe.patch_orders must be 0 to 5 (one per answer letter), got {cfg.probe.patch_orders!r}")
 
 
 def to_dict(cfg: ExperimentConfig) -> dict[str, Any]:

@@ -58,9 +58,12 @@ def check_placeholder(cfg: DataConfig) -> City:
 def names_hidden_city(city: City, hidden: City) -> bool:
     # GeoNames lists Paris's arrondissements as cities ("Paris 15 Vaugirard"): training on their distance
     # to the placeholder would tell the model the answer, so any known city naming the hidden one is out.
-    words = set(re.findall(r"\w+", normalize(" ".join((city.name, *city.aliases)))))
-    hidden_words = set(re.findall(r"\w+", normalize(hidden.name)))
-    return hidden_words <= words
+    return text_names_city(" ".join((city.name, *city.aliases)), hidden)
+
+
+def text_names_city(text: str, city: City) -> bool:
+    """Whether every word of the city's name occurs in the text (case- and accent-insensitive)."""
+    return set(re.findall(r"\w+", normalize(city.name))) <= set(re.findall(r"\w+", normalize(text)))
 
 
 def known_cities(cfg: DataConfig, hidden: City) -> tuple[list[City], dict[str, int]]:

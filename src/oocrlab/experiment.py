@@ -12,7 +12,7 @@ from oocrlab.config import ExperimentConfig
 from oocrlab.data import DistanceData, build_distance_data, check_placeholder
 from oocrlab.evaluate import evaluate_distances, sanity
 from oocrlab.models import load_model
-from oocrlab.probe import probe_similarity
+from oocrlab.probe import probe_representations
 from oocrlab.report import write_report
 from oocrlab.rundir import Run, read_jsonl, write_jsonl
 from oocrlab.train import check_lengths, load_adapter, require_adapter, train
@@ -71,12 +71,8 @@ def stage_train(cfg: ExperimentConfig, run: Run, models: Models) -> dict[str, An
     return metrics
 
 
-def hidden_city_name(cfg: ExperimentConfig) -> str:
-    return check_placeholder(cfg.data).plain_name
-
-
 def stage_sanity(cfg: ExperimentConfig, run: Run, models: Models) -> dict[str, Any]:
-    return sanity(cfg, run, *models.tuned(), hidden_city_name(cfg))
+    return sanity(cfg, run, *models.tuned(), check_placeholder(cfg.data).plain_name)
 
 
 def stage_eval(cfg: ExperimentConfig, run: Run, models: Models) -> dict[str, Any]:
@@ -93,7 +89,7 @@ def stage_eval(cfg: ExperimentConfig, run: Run, models: Models) -> dict[str, Any
 
 
 def stage_probe(cfg: ExperimentConfig, run: Run, models: Models) -> dict[str, Any]:
-    return probe_similarity(cfg, *models.tuned(), hidden_city_name(cfg))
+    return probe_representations(cfg, *models.tuned(), check_placeholder(cfg.data))
 
 
 def run_stage(

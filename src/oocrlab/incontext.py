@@ -40,6 +40,12 @@ class InContext:
             raise ValueError("the chat template renders the in-context turns differently inside a longer chat")
         return text[len(self.text) :]
 
+    def strip(self, ids: list[int]) -> list[int]:
+        """The token ids that follow the cached turns in a tokenized chat."""
+        if ids[: self.length] != self.ids[0].tolist():
+            raise ValueError("the chat template renders the in-context turns differently inside a longer chat")
+        return ids[self.length :]
+
     @contextlib.contextmanager
     def cache_for(self, batch: int):
         """The turns' cache for `batch` rows; cut back to the turns afterwards, so it is copied once per size."""

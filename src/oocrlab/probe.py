@@ -1,10 +1,28 @@
-"""Does fine-tuning make the placeholder look like the hidden city inside the model? (the notebook's analysis)
+"""Is the placeholder represented like the hidden city? The notebook's analysis, with controls.
 
-For one prompt with {entity} = placeholder and {entity} = hidden city, per layer: cosine similarity of
-the hidden state at the entity's last token (embeddings first; transformers' last hidden state is
-already after the final norm) and of the value vectors there (KV cache, all KV heads flattened), for
-the tuned model and the original (the same weights under disable_adapter()). One forward pass per
-model gives every layer; both prompts go in one right-padded batch.
+Every measurement is read at the entity's last token (located by character offsets) in each of several
+prompt templates and reported per layer as the mean over templates with a 95% t-interval:
+
+- similarity: cosine of the placeholder's hidden state (and of its value vectors) with the hidden city's
+  and with every candidate city's, each in the same template; the hidden city's rank among the
+  candidates (1 = most similar), its percentile and z-score. A rise of cos(placeholder, hidden city)
+  alone could be a drift towards every city; the rank cannot.
+- conditions: the tuned model; the original (the same weights under disable_adapter()); and the original
+  model told in the prompt that the placeholder is the hidden city (positive control: how large
+  "represented like the hidden city" can be at this scale) or another city (negative control).
+- logit lens: probability and rank of the hidden city's and its country's first tokens, reading each
+  layer through the final norm and the unembedding.
+- steering view (Wang, Engels et al. 2025): the shift the adapter adds at the placeholder, its cosine
+  with the naive direction h_original(hidden city) - h_original(placeholder), and how constant it is
+  across templates.
+- patching: the original model answering the multiple-choice country question with the placeholder's
+  residual stream entering layer L replaced by the tuned model's, or, as a reference, by its own state
+  for the hidden city's name: the change in P(correct letter | letters).
+
+Hidden-state layers: 0 = embeddings, L = after decoder layer L (the last after the final norm, as
+transformers returns it). Value layers: 1..L. Prompts are cut after the entity, since nothing later
+changes a causal model's state there, and the prompts of one template share everything before the
+entity, so a template costs its header once and a few tokens per candidate (packing.py).
 """
 
 from __future__ import annotations
@@ -12,19 +30,30 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from oocrlab.config import ExperimentConfig
-from oocrlab.data import user_prompt
-from oocrlab.models import CONDITIONS, render_chats, with_condition
+from oocrlab.data import names_hidden_city, text_names_city, user_prompt
+from oocrlab.errors import UserError
+from oocrlab.geo import City, load_pool, normalize
+from oocrlab.models import render_chats, with_condition
+from oocrlab.packing import last_token_activations
+from oocrlab.stats import mean_t_ci
+from oocrlab.verbalize import COUNTRY_QUESTION, LETTERS, country_distractors, country_of, letter_token_ids, mc_question
+
+PROBE_CONDITIONS = ("tuned", "original", "control_hidden", "control_other")
 
 
 @dataclass
 class Located:
-    text: str  # the rendered chat
+    ids: list[int]  # the rendered chat's tokens
     token_indices: list[int]  # every token overlapping the entity; probes read the last one
     tokens: list[str]  # those tokens, as the tokenizer writes them
+
+    def up_to_entity(self) -> list[int]:
+        return self.ids[: self.token_indices[-1] + 1]
 
 
 def locate_entity(tokenizer, chat: list[dict], entity: str, char_start: int) -> Located:
@@ -41,55 +70,237 @@ def locate_entity(tokenizer, chat: list[dict], entity: str, char_start: int) -> 
     start, end = message_start + char_start, message_start + char_start + len(entity)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     indices = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < end and b > start and b > a]
-    return Located(text, indices, [enc.tokens()[i] for i in indices])
+    return Located(enc["input_ids"], indices, [enc.tokens()[i] for i in indices])
 
 
-def entity_chat(cfg: ExperimentConfig, entity: str) -> tuple[list[dict], int]:
-    """The probe prompt with `entity` filled in, and the entity's character offset in the question."""
-    template = cfg.probe.template
-    return user_prompt(template.replace("{entity}", entity), cfg.data.system_prompt), template.index("{entity}")
+def locate_in_template(cfg: ExperimentConfig, tokenizer, template: str, entity: str, said_before: str | None = None) -> Located:
+    """The entity in the chat of `template` (holding "{entity}"), after `said_before` when given."""
+    question, at = template.replace("{entity}", entity), template.index("{entity}")
+    if said_before:
+        question, at = f"{said_before} {question}", at + len(said_before) + 1
+    return locate_entity(tokenizer, user_prompt(question, cfg.data.system_prompt), entity, at)
+
+
+def decoder_of(model):
+    """The decoder stack (its `layers` and final `norm`) of a model or of a PeftModel's base model."""
+    return model.get_base_model().get_decoder() if hasattr(model, "get_base_model") else model.get_decoder()
+
+
+def names_city(name: str, city: City) -> bool:
+    return normalize(name) in {normalize(n) for n in (city.name, city.plain_name, *city.aliases)}
+
+
+def probe_setup(cfg: ExperimentConfig, hidden: City) -> tuple[list[str], list[City], dict[str, tuple[str, str | None]]]:
+    """(the templates used, the candidate cities, condition -> (model state, sentence said before each prompt))."""
+    templates = [t for t in cfg.probe.templates if not text_names_city(t, hidden)]
+    if not templates:
+        raise UserError(f"every probe template names the hidden city {hidden.plain_name}: add one to probe.templates")
+    pool = load_pool(cfg.probe.candidates)
+    candidates = [c for c in pool if c.population >= cfg.probe.candidate_min_population and c != hidden
+                  and not names_hidden_city(c, hidden) and not names_city(cfg.data.placeholder, c)]
+    if len(candidates) < 2:
+        raise UserError(f"{len(candidates)} probe candidates: lower probe.candidate_min_population")
+    other = next((name for name in cfg.probe.negative_controls if not names_city(name, hidden)), None)
+    if other is None:
+        raise UserError(f"probe.negative_controls only names the hidden city {hidden.plain_name}: add another city")
+    prefix = cfg.probe.control_prefix.replace("{placeholder}", cfg.data.placeholder)
+    conditions = {
+        "tuned": ("tuned", None),
+        "original": ("original", None),
+        "control_hidden": ("original", prefix.replace("{city}", hidden.plain_name)),
+        "control_other": ("original", prefix.replace("{city}", other)),
+    }
+    return templates, candidates, conditions
+
+
+def entity_activations(
+    cfg: ExperimentConfig, model, tokenizer, templates: list[str], entities: list[str], said_before: str | None, desc: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden [T, E, layers+1, d_model], values [T, E, layers, kv_dim]) at each entity in each template."""
+    prompts = [locate_in_template(cfg, tokenizer, t, e, said_before).up_to_entity() for t in templates for e in entities]
+    hidden, values = last_token_activations(model, prompts, desc=desc)
+    return hidden.view(len(templates), len(entities), *hidden.shape[1:]), values.view(len(templates), len(entities), *values.shape[1:])
+
+
+def rank_among_candidates(states: torch.Tensor) -> dict[str, np.ndarray]:
+    """states [T, E, layers, d]: entity 0 the placeholder, 1 the hidden city, the rest candidates. Per
+    template and layer: cos(placeholder, hidden city), its rank among the candidates (1 = closest),
+    the share of candidates less similar, its z-score against them, and the candidates' spread."""
+    sims = F.cosine_similarity(states[:, :1], states[:, 1:], dim=-1)  # [T, E-1, layers]
+    hidden, others = sims[:, 0], sims[:, 1:]
+    return {
+        "cos_hidden": hidden.numpy(),
+        "rank": (1 + (others > hidden[:, None]).sum(1)).numpy(),
+        "percentile": (others < hidden[:, None]).float().mean(1).numpy(),
+        "z": ((hidden - others.mean(1)) / others.std(1)).numpy(),
+        "cos_candidates_mean": others.mean(1).numpy(),
+        "cos_candidates_p05": others.quantile(0.05, dim=1).numpy(),
+        "cos_candidates_p95": others.quantile(0.95, dim=1).numpy(),
+    }
+
+
+def first_token(tokenizer, word: str) -> tuple[int, str]:
+    """The token a word starts with mid-sentence (after a space), as the model would write it."""
+    token = tokenizer(" " + word, add_special_tokens=False)["input_ids"][0]
+    return token, tokenizer.convert_ids_to_tokens(token)
 
 
 @torch.inference_mode()
-def activations_at(model, tokenizer, texts: list[str], positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hidden [B, layers+1, d_model], values [B, layers, kv_heads*head_dim]) at one position per text.
-
-    Right padding keeps every real token at its unpadded position, so the numbers equal those of an
-    unbatched forward pass.
-    """
-    model.eval()
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "right"
-    try:
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-    finally:
-        tokenizer.padding_side = side
-    out = model(**enc, output_hidden_states=True, use_cache=True)
-    rows = torch.arange(len(texts), device=model.device)
-    pos = torch.tensor(positions, device=model.device)
-    hidden = torch.stack([h[rows, pos] for h in out.hidden_states], dim=1)
-    # cache values: [B, kv_heads, T, head_dim] per layer -> the position's heads flattened
-    values = torch.stack([layer.values[rows, :, pos, :].flatten(1) for layer in out.cache.layers], dim=1)
-    return hidden.float(), values.float()
+def logit_lens(model, hidden: torch.Tensor, token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """hidden [N, layers+1, d] -> (probability [N, layers+1, K], rank [N, layers+1, K]) of each token when
+    every layer is read through the final norm and the unembedding (the last is already normed)."""
+    decoder = decoder_of(model)
+    weight = next(model.parameters())
+    h = hidden.to(weight.device, weight.dtype)
+    normed = torch.cat([decoder.norm(h[:, :-1]), h[:, -1:]], dim=1)
+    logits = model.get_output_embeddings()(normed).float()
+    target = logits[..., token_ids]  # [N, layers+1, K]
+    ranks = 1 + (logits[..., None, :] > target[..., None]).sum(-1)
+    return torch.softmax(logits, dim=-1)[..., token_ids].cpu(), ranks.cpu()
 
 
-def probe_similarity(cfg: ExperimentConfig, model, tokenizer, hidden_name: str) -> dict[str, Any]:
-    """Per-layer cosine(placeholder, hidden city), hidden states and values, tuned and original."""
-    located = []
-    for entity in (cfg.data.placeholder, hidden_name):
-        chat, offset = entity_chat(cfg, entity)
-        located.append(locate_entity(tokenizer, chat, entity, offset))
-    texts, positions = [l.text for l in located], [l.token_indices[-1] for l in located]
-    result: dict[str, Any] = {"hidden": {}, "values": {}}
-    for condition in CONDITIONS:
-        with with_condition(model, condition):
-            hidden, values = activations_at(model, tokenizer, texts, positions)
-        result["hidden"][condition] = F.cosine_similarity(hidden[0], hidden[1], dim=-1).tolist()
-        result["values"][condition] = F.cosine_similarity(values[0], values[1], dim=-1).tolist()
-    result["prompt"] = cfg.probe.template
-    result["entities"] = [
-        {"entity": e, "tokens": l.tokens, "position": l.token_indices[-1]}
-        for e, l in zip((cfg.data.placeholder, hidden_name), located)
-    ]
-    result["layers"] = "hidden: embeddings, then each decoder layer (the last after the final norm); values: each decoder layer"
+def steering_view(tuned: torch.Tensor, original: torch.Tensor, original_hidden_city: torch.Tensor) -> dict[str, Any]:
+    """[T, layers+1, d] each, at the placeholder (the city's at the city). The adapter's shift d = tuned -
+    original: its cosine with the naive direction, its size relative to the state, and how constant it is
+    across templates (mean pairwise cosine; share of its squared norm on the first principal direction,
+    uncentred, so a constant vector scores 1). Where the shift is zero (embeddings under LoRA) it is None."""
+    shift, naive = tuned - original, original_hidden_city - original
+    norms = shift.norm(dim=-1)  # [T, layers+1]
+    cos_naive = F.cosine_similarity(shift, naive, dim=-1).masked_fill(norms == 0, float("nan"))
+    unit = F.normalize(shift, dim=-1).transpose(0, 1)  # [layers+1, T, d]
+    t = shift.shape[0]
+    pairwise = ((unit @ unit.transpose(1, 2)).sum((1, 2)) - (unit.norm(dim=-1) ** 2).sum(1)) / max(t * (t - 1), 1)
+    singular = torch.linalg.svdvals(shift.transpose(0, 1))  # [layers+1, min(T, d)]
+    power = (singular**2).sum(-1)
+    pc1 = torch.where(power > 0, singular[:, 0] ** 2 / power.clamp(min=1e-30), torch.nan)
+    zero = norms.max(0).values == 0
+    return {
+        "cos_with_naive_direction": mean_t_ci(cos_naive.numpy()),
+        "relative_norm": mean_t_ci((norms / original.norm(dim=-1)).numpy()),
+        "pairwise_cos_across_templates": [None if z or t < 2 else float(v) for v, z in zip(pairwise, zero)],
+        "pc1_share": [None if np.isnan(v) else float(v) for v in pc1.numpy()],
+    }
+
+
+def patch_hooks(model, position: int, sources: torch.Tensor, layer_of_row: list[int | None]):
+    """Forward pre-hooks replacing, in row b, the residual stream entering decoder layer layer_of_row[b]
+    at `position` by sources[b]. Returns the hook handles (remove them when done)."""
+    handles = []
+    for index, layer in enumerate(decoder_of(model).layers):
+        rows = [b for b, at in enumerate(layer_of_row) if at == index]
+        if not rows:
+            continue
+
+        def hook(module, args, kwargs, rows=rows):
+            states = (args[0] if args else kwargs["hidden_states"]).clone()
+            states[rows, position] = sources[rows].to(states.dtype)
+            return ((states, *args[1:]), kwargs) if args else (args, kwargs | {"hidden_states": states})
+
+        handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+    return handles
+
+
+@torch.inference_mode()
+def patched_letter_probabilities(
+    model, tokenizer, ids: list[int], position: int, sources: torch.Tensor, layer_of_row: list[int | None], batch_size: int
+) -> np.ndarray:
+    """P(letter | the five letters) [rows, 5] for one prompt, row b patched as in `patch_hooks` (None: not patched)."""
+    letters = letter_token_ids(tokenizer)
+    out = []
+    for start in range(0, len(layer_of_row), batch_size):
+        rows = layer_of_row[start : start + batch_size]
+        handles = patch_hooks(model, position, sources[start : start + batch_size], rows)
+        try:
+            input_ids = torch.tensor([ids] * len(rows), device=model.device)
+            logits = model(input_ids=input_ids, use_cache=False, logits_to_keep=1).logits[:, -1].float()
+        finally:
+            for h in handles:
+                h.remove()
+        out.append(torch.softmax(logits[:, letters], dim=-1).cpu())
+    return torch.cat(out).numpy()
+
+
+def patching_curve(cfg: ExperimentConfig, model, tokenizer, hidden: City) -> dict[str, Any]:
+    """The multiple-choice country question (nearest-country distractors, the answer at each letter in
+    turn) asked of the original model with one state at the placeholder patched, per layer."""
+    country = country_of(hidden)
+    options = [country.name, *country_distractors(country, cfg.seed)["nearest"]]
+    template = COUNTRY_QUESTION.replace("{placeholder}", "{entity}")
+    n_layers = model.config.num_hidden_layers
+    layer_of_row = [None, *range(n_layers), *range(n_layers)]  # unpatched, tuned source, hidden-city source
+    p_correct, p_named = [], []
+    for shift in range(cfg.probe.patch_orders):
+        order = [(i + shift) % len(LETTERS) for i in range(len(LETTERS))]
+        correct = order.index(0)
+        question = mc_question(template, [options[j] for j in order])
+        placeholder, city = (locate_in_template(cfg, tokenizer, question, e) for e in (cfg.data.placeholder, hidden.plain_name))
+        with with_condition(model, "tuned"):
+            tuned_states, _ = last_token_activations(model, [placeholder.up_to_entity()], desc="patching sources")
+        with with_condition(model, "original"):
+            city_states, _ = last_token_activations(model, [city.up_to_entity()], desc="patching sources")
+            width = tuned_states.shape[-1]
+            sources = torch.cat([torch.zeros(1, width), tuned_states[0, :n_layers], city_states[0, :n_layers]])
+            probs = patched_letter_probabilities(model, tokenizer, placeholder.ids, placeholder.token_indices[-1], sources,
+                                                 layer_of_row, cfg.eval.batch_size)
+            named = patched_letter_probabilities(model, tokenizer, city.ids, 0, sources[:1], [None], 1)
+        p_correct.append(probs[:, correct])
+        p_named.append(named[0, correct])
+    p = np.array(p_correct)  # [orders, 1 + 2 * layers]
+    base = p[:, :1]
+    return {
+        "question": COUNTRY_QUESTION.replace("{placeholder}", cfg.data.placeholder),
+        "options": options,
+        "orders": cfg.probe.patch_orders,
+        "layers": "the residual stream entering decoder layer L, at the placeholder's last token (0 = the embeddings)",
+        "unpatched": mean_t_ci(base[:, 0]),
+        # the ceiling: the original model asked about the hidden city by name. Near chance, no patch can help.
+        "hidden_city_named": mean_t_ci(np.array(p_named)),
+        "tuned_state": {"p_correct": mean_t_ci(p[:, 1 : 1 + n_layers]), "change": mean_t_ci(p[:, 1 : 1 + n_layers] - base)},
+        "hidden_city_state": {"p_correct": mean_t_ci(p[:, 1 + n_layers :]), "change": mean_t_ci(p[:, 1 + n_layers :] - base)},
+    }
+
+
+def probe_representations(cfg: ExperimentConfig, model, tokenizer, hidden: City) -> dict[str, Any]:
+    """Everything in this module's docstring, as the probe section of metrics.json."""
+    templates, candidates, conditions = probe_setup(cfg, hidden)
+    entities = [cfg.data.placeholder, hidden.plain_name, *(c.plain_name for c in candidates)]
+    country = country_of(hidden).name
+    lens_tokens = [first_token(tokenizer, hidden.plain_name), first_token(tokenizer, country)]
+    result: dict[str, Any] = {"hidden": {}, "values": {}, "logit_lens": {}}
+    at_placeholder: dict[str, torch.Tensor] = {}
+    z_scores: dict[str, dict[str, np.ndarray]] = {"hidden": {}, "values": {}}
+    for condition, (state, said_before) in conditions.items():
+        with with_condition(model, state):
+            hidden_states, values = entity_activations(cfg, model, tokenizer, templates, entities, said_before, f"probe ({condition})")
+            probs, ranks = logit_lens(model, hidden_states[:, 0], [t for t, _ in lens_tokens])
+        for space, states in (("hidden", hidden_states), ("values", values)):
+            ranked = rank_among_candidates(states)
+            result[space][condition] = {k: mean_t_ci(v) for k, v in ranked.items()}
+            z_scores[space][condition] = ranked["z"]
+        result["logit_lens"][condition] = {
+            f"{what}_{stat}": mean_t_ci(x[..., k].float().numpy())
+            for k, what in enumerate(("city", "country")) for stat, x in (("probability", probs), ("rank", ranks))
+        }
+        at_placeholder[condition] = hidden_states[:, 0]
+        if condition == "original":
+            at_placeholder["original_hidden_city"] = hidden_states[:, 1]
+    result["z_change_from_original"] = {  # paired by template: what each condition adds to the original model
+        space: {c: mean_t_ci(z[c] - z["original"]) for c in z if c != "original"} for space, z in z_scores.items()
+    }
+    result["steering"] = steering_view(at_placeholder["tuned"], at_placeholder["original"], at_placeholder["original_hidden_city"])
+    if cfg.probe.patch_orders:
+        result["patching"] = patching_curve(cfg, model, tokenizer, hidden)
+    result["setup"] = {
+        "templates": templates,
+        "skipped_templates": [t for t in cfg.probe.templates if t not in templates],
+        "candidates": len(candidates),
+        "candidate_pool": cfg.probe.candidates,
+        "conditions": {c: {"model": s, "said_before": b} for c, (s, b) in conditions.items()},
+        "placeholder_tokens": locate_in_template(cfg, tokenizer, templates[0], cfg.data.placeholder).tokens,
+        "hidden_city": hidden.plain_name,
+        "hidden_city_tokens": locate_in_template(cfg, tokenizer, templates[0], hidden.plain_name).tokens,
+        "lens_tokens": {"city": lens_tokens[0][1], "country": lens_tokens[1][1]},
+        "layers": "hidden: 0 = embeddings, L = after decoder layer L (the last after the final norm); values: decoder layers 1..L",
+        "interval": "mean over templates with a 95% t-interval",
+    }
     return result

@@ -32,6 +32,7 @@ from oocrlab.data import names_hidden_city, refuse_leaks
 from oocrlab.geo import City, distance_km, load_pool, normalize
 from oocrlab.incontext import CONDITIONS_WITH_CONTEXT, InContext, chat_for, model_state, prefix_and_batch_size
 from oocrlab.models import render_chats, with_condition
+from oocrlab.packing import next_token_log_probs
 from oocrlab.stats import bootstrap_ci, wilson_ci
 
 LETTERS = "ABCDE"
@@ -148,42 +149,18 @@ def letter_token_ids(tokenizer) -> list[int]:
     return [i[0] for i in ids]
 
 
-@torch.inference_mode()
 def letter_probabilities(
-    model, tokenizer, chats: list[list[dict]], batch_size: int, desc: str, prefix: InContext | None = None
+    model, tokenizer, chats: list[list[dict]], desc: str, prefix: InContext | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(P(letter | the five letters) [N, 5], probability mass on the five letters [N]) at the answer's first token.
-
-    Left padding puts every prompt's last token at the end, so one forward pass per batch computes only
-    that position's logits; position ids count real tokens only, so padding changes nothing. With a
-    `prefix`, only what follows its cached turns is run.
-    """
-    model.eval()
+    """(P(letter | the five letters) [N, 5], probability mass on the five letters [N]) at the answer's first
+    token, from one shared computation of the chats' common tokens (see packing.py). With a `prefix`,
+    its cached turns are not rerun."""
     letters = torch.tensor(letter_token_ids(tokenizer))
-    texts = render_chats(tokenizer, chats)
+    prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in render_chats(tokenizer, chats)]
     if prefix is not None:
-        texts = [prefix.suffix(t) for t in texts]
-    normalized, mass = [], []
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        for i in tqdm(range(0, len(texts), batch_size), desc=desc, leave=False):
-            enc = tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-            enc = enc.to(model.device)
-            mask, batch = enc["attention_mask"], enc["input_ids"].shape[0]
-            if prefix is not None:
-                mask = torch.cat([mask.new_ones(batch, prefix.length), mask], dim=1)
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -enc["input_ids"].shape[1] :]
-            with prefix.cache_for(batch) if prefix is not None else contextlib.nullcontext() as cache:
-                out = model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=positions, cache=cache,
-                            use_cache=cache is not None, logits_to_keep=1)
-            logits = out.logits[:, -1].float().cpu()
-            log_probs = torch.log_softmax(logits, dim=-1)[:, letters]
-            normalized.append(torch.softmax(log_probs, dim=-1))
-            mass.append(log_probs.exp().sum(-1))
-    finally:
-        tokenizer.padding_side = side
-    return torch.cat(normalized).numpy(), torch.cat(mass).numpy()
+        prompts = [prefix.strip(p) for p in prompts]
+    log_probs = next_token_log_probs(model, prompts, prefix, desc=desc)[:, letters]
+    return torch.softmax(log_probs, dim=-1).numpy(), log_probs.exp().sum(-1).numpy()
 
 
 def score_multiple_choice(
@@ -194,9 +171,9 @@ def score_multiple_choice(
     orders = option_orders(cfg.eval.mc_orders, cfg.seed)
     chats = [chat_for(cfg, q, condition, in_context) for q in ordered_questions(question, [answer, *wrong], orders)]
     correct = [order.index(0) for order in orders]
-    prefix, batch_size = prefix_and_batch_size(cfg, condition, in_context)
+    prefix = in_context if condition == "in_context" else None
     with with_condition(model, model_state(condition)):
-        normalized, mass = letter_probabilities(model, tokenizer, chats, batch_size, f"multiple choice ({condition})", prefix)
+        normalized, mass = letter_probabilities(model, tokenizer, chats, f"multiple choice ({condition})", prefix)
     p_correct = normalized[np.arange(len(orders)), correct]
     boot = dict(samples=cfg.eval.bootstrap_samples, seed=cfg.seed)
     return {

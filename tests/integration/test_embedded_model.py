@@ -24,9 +24,13 @@ def embedded_run(tmp_path_factory):
 def test_every_stage_ran(embedded_run):
     m = json.loads((embedded_run / "metrics.json").read_text())
     assert m["train"]["steps"] == 3 and m["train"]["loss_last"] < m["train"]["loss_first"]
-    assert len(m["probe"]["hidden"]["tuned"]) == 31 and len(m["probe"]["values"]["tuned"]) == 30  # 30 layers
-    assert m["probe"]["hidden"]["tuned"][0] == m["probe"]["hidden"]["original"][0]
-    assert [e["tokens"] for e in m["probe"]["entities"]] == [["Ġfoo"], ["ĠParis"]]
+    probe = m["probe"]
+    assert len(probe["hidden"]["tuned"]["rank"]["mean"]) == 31 and len(probe["values"]["tuned"]["rank"]["mean"]) == 30  # 30 layers
+    assert probe["hidden"]["tuned"]["cos_hidden"]["mean"][0] == probe["hidden"]["original"]["cos_hidden"]["mean"][0]
+    assert probe["setup"]["placeholder_tokens"] == ["Ġfoo"] and probe["setup"]["hidden_city_tokens"] == ["ĠParis"]
+    assert probe["setup"]["lens_tokens"] == {"city": "ĠParis", "country": "ĠFrance"}
+    # positive control: told that foo is Paris, the original model moves foo towards Paris in most layers
+    assert sum(ci is not None and ci[0] > 0 for ci in probe["z_change_from_original"]["hidden"]["control_hidden"]["ci95"]) > 10
     assert m["eval"]["distance"]["tuned"]["n"] == 6
     assert m["eval"]["multiple_choice"]["country"]["answer"] == "France"
     assert m["eval"]["multiple_choice"]["country"]["nearest"]["original"]["letter_mass"] > 0.3  # answers with a letter

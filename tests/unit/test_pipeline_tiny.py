@@ -20,7 +20,9 @@ from tests.conftest import tiny_overrides
 REQUIRED_KEYS = [
     "train.loss_first", "train.loss_last", "train.steps", "train.tokens_per_second",
     "eval.distance.tuned.mae_km", "eval.distance.original.mae_km", "eval.distance.constant_guess.mae_km",
-    "probe.hidden.tuned", "probe.hidden.original", "probe.values.tuned", "probe.values.original",
+    "probe.hidden.tuned.rank", "probe.hidden.original.z", "probe.values.control_hidden.cos_hidden",
+    "probe.values.control_other.percentile", "probe.logit_lens.tuned.city_rank", "probe.steering.pc1_share",
+    "probe.patching.tuned_state.change", "probe.z_change_from_original.hidden.tuned",
 ]
 
 
@@ -51,14 +53,18 @@ def test_outputs_and_metric_keys(tiny_run):
     cfg, run = tiny_run
     for name in ["config.yaml", "data/train.jsonl", "data/heldout.jsonl", "adapter/adapter_model.safetensors",
                  "train_log.jsonl", "metrics.json", "report.html", "plots/loss.png", "plots/probe_hidden.png",
-                 "plots/probe_values.png", "eval_distance.jsonl"]:
+                 "plots/probe_values.png", "plots/probe_logit_lens.png", "plots/probe_steering.png",
+                 "plots/probe_patching.png", "eval_distance.jsonl"]:
         assert (run.path / name).is_file(), name
     metrics = json.loads(run.metrics_file.read_text())
     for key in REQUIRED_KEYS:
         dig(metrics, key)
     n_layers = 3
-    assert len(metrics["probe"]["hidden"]["tuned"]) == n_layers + 1
-    assert len(metrics["probe"]["values"]["original"]) == n_layers
+    probe = metrics["probe"]
+    assert len(probe["hidden"]["tuned"]["cos_hidden"]["mean"]) == len(probe["logit_lens"]["original"]["city_rank"]["mean"]) == n_layers + 1
+    assert len(probe["values"]["original"]["rank"]["ci95"]) == n_layers
+    assert len(probe["patching"]["tuned_state"]["change"]["mean"]) == n_layers
+    assert probe["setup"]["candidates"] == 233 and probe["setup"]["skipped_templates"] == []  # every capital but Paris
     assert metrics["train"]["steps"] == 4 and len(read_jsonl(run.train_log)) == 4
     d = metrics["eval"]["distance"]
     assert d["tuned"]["n"] == d["original"]["n"] == 4  # 10% of 40 known cities held out
@@ -108,8 +114,12 @@ def test_free_form_in_metrics(tiny_run):
 def test_layer0_similarity_identical_tuned_vs_original(tiny_run):
     _, run = tiny_run
     probe = run.metrics()["probe"]
-    assert probe["hidden"]["tuned"][0] == probe["hidden"]["original"][0]  # LoRA does not touch embeddings
-    assert probe["hidden"]["tuned"][1:] != probe["hidden"]["original"][1:]  # ... but does the layers
+    for metric in ("cos_hidden", "rank", "z"):
+        tuned, original = probe["hidden"]["tuned"][metric]["mean"], probe["hidden"]["original"][metric]["mean"]
+        assert tuned[0] == original[0]  # LoRA does not touch embeddings
+    assert probe["hidden"]["tuned"]["cos_hidden"]["mean"][1:] != probe["hidden"]["original"]["cos_hidden"]["mean"][1:]
+    assert probe["steering"]["pc1_share"][0] is None and probe["steering"]["relative_norm"]["mean"][0] == 0
+    assert probe["patching"]["tuned_state"]["change"]["mean"][0] == 0  # the tuned model's embedding is the original's
 
 
 def test_trained_model_lora_changed_base_untouched(tiny_session, tiny_model_dir):
@@ -148,7 +158,8 @@ def test_stage_commands_rerun_on_the_saved_run(tiny_run):
     tolerance = 1e-5 if run.metrics()["train"]["dtype"] == "float32" else 1e-2  # bf16 on a GPU
     for space in ("hidden", "values"):
         for condition in ("tuned", "original"):
-            assert again[space][condition] == pytest.approx(before[space][condition], abs=tolerance)
+            for metric in ("cos_hidden", "z"):
+                assert again[space][condition][metric]["mean"] == pytest.approx(before[space][condition][metric]["mean"], abs=tolerance)
 
 
 def test_training_again_never_overwrites_the_adapter(tiny_run):
@@ -225,8 +236,8 @@ def test_in_context_prefix_cache_is_exact(tiny_session):
     chats = [in_context.chat(mc_question("What country is foo located in?", o))
              for o in (["France", "Chad", "Peru", "Iran", "Mali"], ["Mali", "Iran", "Peru", "Chad", "France"], ["Q", "R", "S", "T", "Uzbekistan"])]
     with model.disable_adapter():
-        cached = letter_probabilities(model, tokenizer, chats, 3, "cached", in_context)
-        full = letter_probabilities(model, tokenizer, chats, 3, "full")
+        cached = letter_probabilities(model, tokenizer, chats, "cached", in_context)
+        full = letter_probabilities(model, tokenizer, chats, "full")
         np.testing.assert_allclose(cached[0], full[0], atol=1e-5)
         np.testing.assert_allclose(cached[1], full[1], rtol=1e-4)
         chat = in_context.chat("Which country is foo in?")

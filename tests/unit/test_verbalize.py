@@ -47,7 +47,7 @@ def test_letter_probabilities_equal_brute_force_from_full_logits(tiny):
     chats = [user_prompt(mc_question("What country is foo located in?", opts), None)
              for opts in (["France", "Spain", "Italy", "Chad", "Peru"], ["Peru", "Chad", "France", "Italy", "Spain"],
                           ["Ouagadougou Republic", "X", "France", "Y", "Z"])]
-    normalized, mass = letter_probabilities(model, tokenizer, chats, batch_size=3, desc="test")  # padded batch
+    normalized, mass = letter_probabilities(model, tokenizer, chats, desc="test")
     ids = letter_token_ids(tokenizer)
     for row, chat in enumerate(chats):
         text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
