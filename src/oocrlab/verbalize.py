@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from oocrlab.config import ExperimentConfig
 from oocrlab.errors import UserError
