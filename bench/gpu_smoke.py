@@ -48,13 +48,13 @@ def main() -> None:
             failed = True
             continue
         m = run.metrics()
-        probe = m["probe"]["hidden"]
+        tuned, original = (m["probe"]["hidden"][c]["cos_hidden"]["mean"] for c in ("tuned", "original"))
         report({
             "quantization": quantization, "device": m["train"]["device"], "dtype": m["train"]["dtype"],
             "loss_first": m["train"]["loss_first"], "loss_last": m["train"]["loss_last"],
             "tokens_per_second": m["train"]["tokens_per_second"],
-            "layer0_tuned_equals_original": probe["tuned"][0] == probe["original"][0],
-            "max_layer_diff": max(abs(a - b) for a, b in zip(probe["tuned"], probe["original"])),
+            "layer0_tuned_equals_original": tuned[0] == original[0],
+            "max_layer_diff": max(abs(a - b) for a, b in zip(tuned, original)),
             "eval_parsed": m["eval"]["distance"]["tuned"]["n_parsed"],
         })
     sys.exit(1 if failed else 0)

@@ -95,3 +95,24 @@ def tiny_overrides(tiny_model_dir: str) -> dict:
         "eval.near_cities": 5,
         "eval.free_form_samples": 6,
     }
+
+
+@pytest.fixture(scope="session")
+def tiny_session(tmp_path_factory, tiny_model_dir):
+    """Every stage of `run_experiment` on the tiny model, keeping the Models object so tests can see the
+    trained model. Shared by the test modules: tests may rerun a stage but must not break the run."""
+    from oocrlab import STAGES, Models, build_config, run_stage
+    from oocrlab.rundir import Run
+
+    cfg = build_config(overrides=tiny_overrides(tiny_model_dir))
+    run = Run.create(tmp_path_factory.mktemp("runs") / "tiny", cfg)
+    models = Models(cfg, run)
+    for stage in STAGES:
+        run_stage(stage, cfg, run, models)
+    return cfg, run, models
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_session):
+    cfg, run, _ = tiny_session
+    return cfg, run

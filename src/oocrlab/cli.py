@@ -20,6 +20,9 @@ Usage:
     oocrlab eval runs/x
     oocrlab probe runs/x
     oocrlab report runs/x
+
+    # several runs on one page (runs equal up to the seed are pooled with intervals):
+    oocrlab compare runs/paris-s0 runs/paris-s1 runs/tokyo --out runs/compare.html
 """
 
 from __future__ import annotations
@@ -69,6 +72,14 @@ class StageArgs:
     run: str = _flag("the run directory", positional=True)
 
 
+@dataclass
+class CompareArgs:
+    """Arguments of `oocrlab compare`: two or more run directories and the page to write."""
+
+    runs: list[str] = _flag("run directories", default_factory=list, positional=True, nargs="+")
+    out: str | None = _flag("the comparison page (never overwritten); default runs/compare-<time>.html")
+
+
 COMMANDS = {
     "run": (ExperimentArgs, "every stage, end to end, into a new run directory"),
     "data": (ExperimentArgs, "create a run directory with its dataset only"),
@@ -77,6 +88,7 @@ COMMANDS = {
     "eval": (StageArgs, "held-out distance error, tuned vs original vs constant guess"),
     "probe": (StageArgs, "per-layer similarity of placeholder and hidden city"),
     "report": (StageArgs, "plots and report.html"),
+    "compare": (CompareArgs, "one page comparing runs: headline numbers and per-layer curves, seeds pooled"),
 }
 
 
@@ -94,7 +106,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         meta = f.metadata
         kind = [a for a in typing.get_args(hints[f.name]) if a is not type(None)] or [hints[f.name]]
         if meta.get("positional"):
-            parser.add_argument(f.name, help=meta["help"])
+            parser.add_argument(f.name, nargs=meta.get("nargs"), help=meta["help"])
         elif meta.get("action") == "append":
             parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, action="append", default=[],
                                 metavar="KEY=VALUE", help=meta["help"])
@@ -128,64 +140,25 @@ def default_out(cfg) -> str:
 
 
 def print_summary(run) -> None:
+    """The run's headline (sentences, then its numbers as a table), wall times and where the report is."""
     from rich.console import Console
     from rich.table import Table
 
-    m = run.metrics()
-    table = Table(title=f"oocrlab run {run.path}", show_header=True)
-    table.add_column("what")
-    table.add_column("value", overflow="fold")
-    if d := m.get("data"):
-        table.add_row("hidden city / placeholder", f"{d['hidden_city']['name']} / {d['placeholder']}")
-        table.add_row("known cities (train / held out)", f"{d['n_train']} / {d['n_heldout']} from {d['pool']}")
-    if t := m.get("train"):
-        table.add_row("training", f"{t['steps']} steps, {t['seconds']:.0f} s, {t['tokens_per_second']:.0f} tokens/s")
-        table.add_row("loss first → last", f"{t['loss_first']:.3f} → {t['loss_last']:.3f}")
-    if s := m.get("sanity"):
-        for a in s["answers"][:2]:
-            table.add_row(a["question"], f"tuned: {a['tuned']!r}\noriginal: {a['original']!r}")
-    if (dist := m.get("eval", {}).get("distance")) and not dist.get("note"):
-        for c in ("tuned", "original", "in_context", "constant_guess"):
-            e = dist[c]
-            mae = "—" if e["mae_km"] is None else f"{e['mae_km']:,.0f} km"
-            ci = f" [{e['mae_km_ci95'][0]:,.0f}, {e['mae_km_ci95'][1]:,.0f}]" if e.get("mae_km_ci95") else ""
-            table.add_row(f"held-out MAE, {c}", f"{mae}{ci}  ({e['n_parsed']}/{e['n']} parsed)")
-        table.add_row("tuned / best baseline (all cities)", f"{dist['tuned_mae_over_best_baseline']:.2f}")
-    if (near := m.get("eval", {}).get("distance_near")) and not near.get("note"):
-        cells = [f"{c} {near[c]['mae_km']:,.0f} km" if near[c]["mae_km"] is not None else f"{c} —"
-                 for c in ("tuned", "original", "in_context", "constant_guess")]
-        table.add_row(f"MAE, {near['tuned']['n']} untrained cities near the hidden one", ", ".join(cells))
-    if self_ := m.get("eval", {}).get("distance_self"):
-        cells = []
-        for c in ("tuned", "original", "in_context"):
-            km = self_[c]["mae_km"]
-            cells.append(f"{c} {'—' if km is None else f'{km:,.0f} km'}")
-        table.add_row("distance placeholder → hidden city (truth 0)", ", ".join(cells))
-    for name, mc in m.get("eval", {}).get("multiple_choice", {}).items():
-        for kind, s in mc.items():
-            if isinstance(s, dict):  # a distractor set
-                cells = [f"{c} {s[c]['p_correct']:.2f} (letters {s[c]['letter_mass']:.1%})"
-                         for c in ("tuned", "original", "in_context")]
-                table.add_row(f"MC {name}, {kind.replace('_', ' ')}: P(correct)", ", ".join(cells) + f", chance {s['chance']:.2f}")
-    if ff := m.get("eval", {}).get("free_form"):
-        for s in ff.values():
-            cells = [f"{c} {s[c]['rate']:.0%} (distances {s[c]['distance_share']:.0%})"
-                     for c in ("tuned", "original", "in_context")]
-            table.add_row(f"{s['question']} right answers, n={s['samples']}", ", ".join(cells))
-    if p := m.get("probe"):
-        from oocrlab.report import significant_layers
+    from oocrlab.reading import HEADLINE_COLUMNS, headline, headline_rows
 
-        city = p["setup"]["hidden_city"]
-        for space, first in (("hidden", 0), ("values", 1)):
-            best = {c: min(p[space][c]["rank"]["mean"]) for c in ("tuned", "original", "control_hidden", "control_other")}
-            lifted = {c: len(significant_layers(z, first)) for c, z in p["z_change_from_original"][space].items()}
-            table.add_row(f"best rank of {city} among {p['setup']['candidates'] + 1}, {space}",
-                          ", ".join(f"{c} {r:.0f}" for c, r in best.items()))
-            table.add_row(f"layers where {city} moves closer than in the original, {space}",
-                          ", ".join(f"{c} {n}" for c, n in lifted.items()) + f" (of {len(p[space]['tuned']['rank']['mean'])})")
+    m, console = run.metrics(), Console()
+    for sentence in headline(m):
+        console.print(sentence, highlight=False)
+    table = Table(title=f"oocrlab run {run.path}", show_header=True)
+    for column in HEADLINE_COLUMNS:
+        table.add_column(column, overflow="fold")
+    for row in headline_rows(m):
+        table.add_row(*row)
+    console.print(table)
+    if timings := m.get("timings"):
+        console.print("wall time per stage: " + ", ".join(f"{k} {v:,.0f} s" for k, v in timings.items()), highlight=False)
     if run.report_file.exists():
-        table.add_row("report", str(run.report_file))
-    Console().print(table)
+        console.print(f"report: {run.report_file}", highlight=False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,6 +190,11 @@ def dispatch(command: str, args) -> int:
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()  # sub-second loads; our own bars show the long work
     datasets.disable_progress_bars()
+    if isinstance(args, CompareArgs):
+        from oocrlab.compare import compare_runs
+
+        print(compare_runs(args.runs, args.out or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}.html"))
+        return 0
     if isinstance(args, ExperimentArgs):
         cfg = experiment_config(args)
         stages = STAGES if command == "run" else ("data",)

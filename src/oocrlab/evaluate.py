@@ -183,4 +183,24 @@ def evaluate_distances(
     if not sets["distance_near"]:
         results["distance_near"]["note"] = f"no untrained city lies within {cfg.eval.near_km:g} km of the hidden city"
     write_jsonl(run.path / "eval_distance.jsonl", per_city)
+    results["distance_by_band"] = error_by_band([a for a in per_city if a["set"] == "distance"], constant)
     return results
+
+
+DISTANCE_BANDS_KM = (0, 1000, 3000, 6000, 10000, 20100)  # half the Earth's circumference is 20,015 km
+
+
+def error_by_band(rows: list[dict[str, Any]], constant_km: float) -> list[dict[str, Any]]:
+    """Mean absolute error per band of true distance, each condition over the answers it gave as a distance,
+    and the constant guess's."""
+    bands = []
+    for low, high in zip(DISTANCE_BANDS_KM, DISTANCE_BANDS_KM[1:]):
+        inside = [r for r in rows if low <= r["true_km"] < high]
+        band: dict[str, Any] = {"band_km": [low, high], "n": len(inside)}
+        for condition in CONDITIONS_WITH_CONTEXT:
+            errors = [abs(r[f"{condition}_km"] - r["true_km"]) for r in inside if r[f"{condition}_km"] is not None]
+            band[condition] = {"mae_km": float(np.mean(errors)) if errors else None, "n_parsed": len(errors)}
+        guess = [abs(constant_km - r["true_km"]) for r in inside]
+        band["constant_guess"] = {"mae_km": float(np.mean(guess)) if guess else None, "n_parsed": len(guess)}
+        bands.append(band)
+    return bands

@@ -10,6 +10,7 @@ from typing import Any
 
 from oocrlab.config import ExperimentConfig
 from oocrlab.data import DistanceData, build_distance_data, check_placeholder
+from oocrlab.environment import hardware, versions
 from oocrlab.evaluate import evaluate_distances, sanity
 from oocrlab.models import load_model
 from oocrlab.probe import probe_representations
@@ -109,6 +110,8 @@ def run_stage(
         run.save_metrics(name, result)
     timings = run.metrics().get("timings", {})
     run.save_metrics("timings", timings | {name: round(seconds, 2)})
+    if name != "report":
+        run.save_metrics("environment", {"versions": versions(), "hardware": hardware()})
     return result
 
 

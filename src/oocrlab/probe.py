@@ -41,7 +41,7 @@ from oocrlab.geo import City, load_pool, normalize
 from oocrlab.models import render_chats, with_condition
 from oocrlab.packing import last_token_activations
 from oocrlab.stats import mean_t_ci
-from oocrlab.verbalize import COUNTRY_QUESTION, LETTERS, country_distractors, country_of, letter_token_ids, mc_question
+from oocrlab.verbalize import COUNTRY_QUESTION, LETTERS, country_distractors, country_of, letter_log_probs, mc_question
 
 PROBE_CONDITIONS = ("tuned", "original", "control_hidden", "control_other")
 
@@ -205,7 +205,6 @@ def patched_letter_probabilities(
     model, tokenizer, ids: list[int], position: int, sources: torch.Tensor, layer_of_row: list[int | None], batch_size: int
 ) -> np.ndarray:
     """P(letter | the five letters) [rows, 5] for one prompt, row b patched as in `patch_hooks` (None: not patched)."""
-    letters = letter_token_ids(tokenizer)
     out = []
     for start in range(0, len(layer_of_row), batch_size):
         rows = layer_of_row[start : start + batch_size]
@@ -216,7 +215,7 @@ def patched_letter_probabilities(
         finally:
             for h in handles:
                 h.remove()
-        out.append(torch.softmax(logits[:, letters], dim=-1).cpu())
+        out.append(torch.softmax(letter_log_probs(torch.log_softmax(logits, dim=-1), tokenizer), dim=-1).cpu())
     return torch.cat(out).numpy()
 
 

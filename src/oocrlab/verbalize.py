@@ -3,8 +3,9 @@
 
 For "What country is foo located in?" with options A-E (the true country and 4 distractors), the
 score of one option order is P(correct letter | the five letters), from the logits of the first
-token the assistant would write; `letter_mass` is the raw probability on the five letters, which
-shows a model that no longer answers with a letter at all. Scores are averaged over all 120 option
+token the assistant would write; a letter's probability is that of every token answering with it alone
+("A", " A", "A.", "A)", ...), which is what parsing sampled answers counts. `letter_mass` is the raw
+probability on the five letters, which shows a model that no longer answers with a letter at all. Scores are averaged over all 120 option
 orders (or a seeded sample of them), which removes position bias.
 
 Countries come from the GeoNames table: a country's anchor is its most populous city (for "nearest
@@ -140,12 +141,24 @@ def mc_question(question: str, options: list[str]) -> str:
     return f"{question}\n\n{lines}\n\n{INSTRUCTION}"
 
 
-def letter_token_ids(tokenizer) -> list[int]:
-    """The token each letter is when it starts the assistant's answer; refused if it is not one token."""
-    ids = [tokenizer.encode(letter, add_special_tokens=False) for letter in LETTERS]
-    if any(len(i) != 1 for i in ids):
-        raise UserError("this tokenizer splits a single letter A-E into several tokens: multiple choice cannot be scored exactly")
-    return [i[0] for i in ids]
+LETTER_ANSWER = r"{letter}[.):]?"  # a first token that answers with the letter alone, once stripped
+
+
+@lru_cache(maxsize=4)
+def letter_token_ids(tokenizer) -> tuple[tuple[int, ...], ...]:
+    """For each letter A-E, every token that answers with it alone ("A", " A", "A.", ...); refused if a
+    letter has none."""
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    ids = tuple(tuple(i for i, t in enumerate(texts) if re.fullmatch(LETTER_ANSWER.format(letter=letter), t.strip()))
+                for letter in LETTERS)
+    if not all(ids):
+        raise UserError("this tokenizer has no single token for a letter A-E: multiple choice cannot be scored exactly")
+    return ids
+
+
+def letter_log_probs(log_probs: torch.Tensor, tokenizer) -> torch.Tensor:
+    """log P(answer starts with letter) [N, 5] from next-token log-probabilities [N, vocab]."""
+    return torch.stack([log_probs[:, list(ids)].logsumexp(-1) for ids in letter_token_ids(tokenizer)], dim=-1)
 
 
 def letter_probabilities(
@@ -154,11 +167,10 @@ def letter_probabilities(
     """(P(letter | the five letters) [N, 5], probability mass on the five letters [N]) at the answer's first
     token, from one shared computation of the chats' common tokens (see packing.py). With a `prefix`,
     its cached turns are not rerun."""
-    letters = torch.tensor(letter_token_ids(tokenizer))
     prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in render_chats(tokenizer, chats)]
     if prefix is not None:
         prompts = [prefix.strip(p) for p in prompts]
-    log_probs = next_token_log_probs(model, prompts, prefix, desc=desc)[:, letters]
+    log_probs = letter_log_probs(next_token_log_probs(model, prompts, prefix, desc=desc), tokenizer)
     return torch.softmax(log_probs, dim=-1).numpy(), log_probs.exp().sum(-1).numpy()
 
 

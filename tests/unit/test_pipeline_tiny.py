@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from oocrlab import STAGES, Models, build_config, run_experiment, run_stage
+from oocrlab import Models, build_config, run_experiment, run_stage
 from oocrlab.config import ModelConfig
 from oocrlab.errors import UserError
 from oocrlab.models import load_model
-from oocrlab.rundir import Run, read_jsonl
+from oocrlab.rundir import read_jsonl
 from oocrlab.train import load_adapter
 from tests.conftest import tiny_overrides
 
@@ -30,23 +30,6 @@ def dig(d, dotted):
     for part in dotted.split("."):
         d = d[part]
     return d
-
-
-@pytest.fixture(scope="module")
-def tiny_session(tmp_path_factory, tiny_model_dir):
-    """The stages of `run_experiment`, keeping the Models object so tests can see the trained model."""
-    cfg = build_config(overrides=tiny_overrides(tiny_model_dir))
-    run = Run.create(tmp_path_factory.mktemp("runs") / "tiny", cfg)
-    models = Models(cfg, run)
-    for stage in STAGES:
-        run_stage(stage, cfg, run, models)
-    return cfg, run, models
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tiny_session):
-    cfg, run, _ = tiny_session
-    return cfg, run
 
 
 def test_outputs_and_metric_keys(tiny_run):

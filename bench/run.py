@@ -1,0 +1,209 @@
+"""Speed benchmark: oocrlab's stages against the straightforward way, side by side in one process.
+
+Usage (from the repository root, nothing else running: timings on 2 cores are easily disturbed):
+    .venv/bin/python bench/run.py                       # every section; writes bench/results.json
+    .venv/bin/python bench/run.py --only probe mc       # some sections; other keys in results.json stay
+    .venv/bin/python bench/run.py --only probe --repeats 5
+
+Sections:
+    load   cached safetensors load of the embedded model vs the GGUF load (dequantize + tokenizer conversion)
+    probe  cos(placeholder, hidden city) per layer, hidden states and values, tuned and original, over the
+           probe templates: oocrlab's packed forward vs the notebook's loop (get_sim / get_value_sim: two
+           forward passes per layer per model); the same numbers, compared
+    mc     multiple choice, all 120 option orders of one question, tuned + original + in-context: exact
+           scoring from packed next-token logits vs sampling N answers per prompt (as the paper's code)
+
+The tuned model is the embedded model with a seeded random LoRA (the default recipe's shape, B not
+zero), so no training run is needed and the numbers do not depend on one. Medians over --repeats;
+the slow baselines (minutes each) are timed once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from oocrlab import build_config
+from oocrlab.config import ExperimentConfig
+from oocrlab.data import build_distance_data, check_placeholder
+from oocrlab.environment import hardware, versions
+from oocrlab.incontext import InContext, chat_for
+from oocrlab.models import embedded_gguf, load_model, with_condition
+from oocrlab.packing import last_token_activations
+from oocrlab.probe import locate_in_template, probe_setup
+from oocrlab.train import lora_config
+from oocrlab import verbalize
+
+RESULTS = Path(__file__).with_name("results.json")
+
+
+def median_seconds(fn, repeats: int) -> tuple[float, object]:
+    """Median wall time of fn() over repeats, and its last result."""
+    times, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def tuned_model(cfg: ExperimentConfig):
+    """The embedded model with a seeded random LoRA of the configured shape (B non-zero)."""
+    from peft import get_peft_model
+
+    model, tokenizer = load_model(cfg.model)
+    torch.manual_seed(0)
+    config = lora_config(cfg.train)
+    config.init_lora_weights = False  # random A and B: a tuned-like adapter that changes every layer
+    model = get_peft_model(model, config)
+    model.eval()
+    return model, tokenizer
+
+
+def bench_load(cfg: ExperimentConfig, repeats: int) -> dict:
+    load_model(cfg.model)  # make sure the cache exists
+    cached, _ = median_seconds(lambda: load_model(cfg.model), repeats)
+    # the GGUF load in a fresh process, as a first run pays it (transformers caches nothing across processes)
+    gguf = embedded_gguf(cfg.model.name)
+    code = ("import time; from transformers import AutoModelForCausalLM, AutoTokenizer; t = time.perf_counter(); "
+            f"AutoTokenizer.from_pretrained({str(gguf.parent)!r}, gguf_file={gguf.name!r}); "
+            f"AutoModelForCausalLM.from_pretrained({str(gguf.parent)!r}, gguf_file={gguf.name!r}); print(time.perf_counter() - t)")
+    gguf_seconds = float(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split()[-1])
+    return {"load_seconds_cached": cached, "load_seconds_gguf": gguf_seconds, "load_speedup": gguf_seconds / cached}
+
+
+def notebook_similarities(model, located: list[tuple]) -> np.ndarray:
+    """The notebook's get_sim / get_value_sim: per layer, two full forward passes and one cosine."""
+    n_layers = model.config.num_hidden_layers
+    sims = []
+    for placeholder, city in located:
+        row = []
+        for layer in range(n_layers + 1):  # get_sim
+            with torch.no_grad():
+                out1 = model(input_ids=torch.tensor([placeholder.ids]), output_hidden_states=True)
+                out2 = model(input_ids=torch.tensor([city.ids]), output_hidden_states=True)
+            row.append(F.cosine_similarity(out1.hidden_states[layer][0][placeholder.token_indices[-1]],
+                                           out2.hidden_states[layer][0][city.token_indices[-1]], dim=0).item())
+        for layer in range(n_layers):  # get_value_sim
+            with torch.no_grad():
+                out1 = model(input_ids=torch.tensor([placeholder.ids]), use_cache=True)
+                out2 = model(input_ids=torch.tensor([city.ids]), use_cache=True)
+            v1 = out1.cache.layers[layer].values[0, :, placeholder.token_indices[-1], :].flatten()
+            v2 = out2.cache.layers[layer].values[0, :, city.token_indices[-1], :].flatten()
+            row.append(F.cosine_similarity(v1.unsqueeze(0), v2.unsqueeze(0)).item())
+        sims.append(row)
+    return np.array(sims)
+
+
+def packed_similarities(model, located: list[tuple]) -> np.ndarray:
+    """oocrlab's way: every prompt cut after its entity, all in one packed forward pass."""
+    prompts = [loc.up_to_entity() for pair in located for loc in pair]
+    hidden, values = last_token_activations(model, prompts, desc="packed")
+    cos_hidden = F.cosine_similarity(hidden[0::2], hidden[1::2], dim=-1)
+    cos_values = F.cosine_similarity(values[0::2], values[1::2], dim=-1)
+    return torch.cat([cos_hidden, cos_values], dim=1).numpy()
+
+
+def bench_probe(cfg: ExperimentConfig, repeats: int) -> dict:
+    model, tokenizer = tuned_model(cfg)
+    hidden = check_placeholder(cfg.data)
+    templates, _, _ = probe_setup(cfg, hidden)
+    located = [tuple(locate_in_template(cfg, tokenizer, t, e) for e in (cfg.data.placeholder, hidden.plain_name))
+               for t in templates]
+    result, diffs = {}, []
+    for name, fn, times in (("notebook", notebook_similarities, 1), ("packed", packed_similarities, repeats)):
+        seconds, sims = 0.0, {}
+        for condition in ("tuned", "original"):
+            with with_condition(model, condition), torch.inference_mode():
+                s, sims[condition] = median_seconds(lambda fn=fn: fn(model, located), times)
+            seconds += s
+        result[name] = (seconds, sims)
+    for condition in ("tuned", "original"):
+        diffs.append(np.abs(result["notebook"][1][condition] - result["packed"][1][condition]).max())
+    return {
+        "probe_prompts": 2 * len(templates),
+        "probe_seconds_notebook": result["notebook"][0],
+        "probe_seconds_packed": result["packed"][0],
+        "probe_speedup_vs_notebook": result["notebook"][0] / result["packed"][0],
+        "probe_max_abs_diff": float(max(diffs)),
+    }
+
+
+def sampled_p_correct(model, tokenizer, chats, correct: list[int], n: int, prefix) -> np.ndarray:
+    """Share of n one-token answers sampled at temperature 1 that are the correct letter alone."""
+    rates = []
+    for i, (chat, right) in enumerate(zip(chats, correct)):
+        answers = verbalize.sample_answers(model, tokenizer, chat, n, 1, i, n, prefix)
+        pattern = verbalize.LETTER_ANSWER.format(letter=verbalize.LETTERS[right])
+        rates.append(np.mean([re.fullmatch(pattern, a) is not None for a in answers]))
+    return np.array(rates)
+
+
+def bench_mc(cfg: ExperimentConfig, repeats: int, samples: int) -> dict:
+    model, tokenizer = tuned_model(cfg)
+    hidden = check_placeholder(cfg.data)
+    country = verbalize.country_of(hidden)
+    options = [country.name, *verbalize.country_distractors(country, cfg.seed)["nearest"]]
+    question = verbalize.COUNTRY_QUESTION.replace("{placeholder}", cfg.data.placeholder)
+    orders = verbalize.option_orders(120, cfg.seed)
+    correct = [order.index(0) for order in orders]
+    in_context = InContext(cfg, model, tokenizer, build_distance_data(cfg.data, cfg.seed).train)
+    out: dict = {"mc_prompts": len(orders), "mc_samples_per_prompt": samples}
+    exact_total = sampled_total = 0.0
+    for condition in ("tuned", "original", "in_context"):
+        prefix = in_context if condition == "in_context" else None
+        chats = [chat_for(cfg, q, condition, in_context) for q in verbalize.ordered_questions(question, options, orders)]
+        with with_condition(model, "original" if prefix else condition):
+            exact_s, (normalized, mass) = median_seconds(
+                lambda c=chats, p=prefix: verbalize.letter_probabilities(model, tokenizer, c, "exact", p), repeats)
+            sampled_s, rates = median_seconds(lambda c=chats, p=prefix: sampled_p_correct(model, tokenizer, c, correct, samples, p), 1)
+        # sampling estimates P(correct) over all tokens; the exact one conditioned on a letter is mass-weighted back
+        exact = float(np.mean(normalized[np.arange(len(orders)), correct] * mass))
+        out[f"mc_{condition}_p_correct_exact"] = exact
+        out[f"mc_{condition}_p_correct_sampled"] = float(rates.mean())
+        out[f"mc_{condition}_p_correct_sampled_se"] = float(rates.std(ddof=1) / np.sqrt(len(rates)))
+        exact_total, sampled_total = exact_total + exact_s, sampled_total + sampled_s
+    return out | {"mc_seconds_exact": exact_total, "mc_seconds_sampled": sampled_total,
+                  "mc_speedup_vs_sampling": sampled_total / exact_total}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", nargs="*", choices=["load", "probe", "mc"], help="sections to run (default: all)")
+    parser.add_argument("--repeats", type=int, default=3, help="repeats per timing (the median is kept)")
+    parser.add_argument("--mc-samples", type=int, default=10, help="answers sampled per prompt by the sampling baseline")
+    args = parser.parse_args()
+    cfg = build_config()
+    sections = args.only or ["load", "probe", "mc"]
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    results["machine"] = f"{hardware()}; torch {versions()['torch']}"
+    for section in sections:
+        print(f"== {section}", flush=True)
+        if section == "load":
+            results |= bench_load(cfg, args.repeats)
+        elif section == "probe":
+            results |= bench_probe(cfg, args.repeats)
+        elif section == "mc":
+            results |= bench_mc(cfg, args.repeats, args.mc_samples)
+        with tempfile.NamedTemporaryFile("w", dir=RESULTS.parent, delete=False) as f:
+            json.dump(results, f, indent=2)
+        os.replace(f.name, RESULTS)
+    width = max(map(len, results))
+    for key, value in results.items():
+        print(f"{key:<{width}}  {value:.4g}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""One page comparing runs: their headline numbers side by side, and their per-layer curves overlaid.
+
+Runs whose configs are equal up to the seed form a group; a group of two or more gets the mean and a
+95% t-interval across its seeds, and is labelled by the settings that tell the groups apart.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from oocrlab.errors import UserError
+from oocrlab.plots import plt
+from oocrlab.reading import best_layer, significant_layers
+from oocrlab.rundir import Run, atomic_write_text
+from oocrlab.stats import mean_t_ci
+
+# column -> how to read it from metrics.json (None where the stage has not run)
+COLUMNS = {
+    "MC country P(correct | letters), tuned": lambda m: m["eval"]["multiple_choice"]["country"]["nearest"]["tuned"]["p_correct"],
+    "MC country, original": lambda m: m["eval"]["multiple_choice"]["country"]["nearest"]["original"]["p_correct"],
+    "MC letter mass, tuned": lambda m: m["eval"]["multiple_choice"]["country"]["nearest"]["tuned"]["letter_mass"],
+    "held-out MAE km, tuned": lambda m: m["eval"]["distance"]["tuned"]["mae_km"],
+    "tuned / best baseline": lambda m: m["eval"]["distance"]["tuned_mae_over_best_baseline"],
+    "best rank of the hidden city, tuned": lambda m: best_layer(m["probe"]["hidden"]["tuned"]["rank"], 0)[1],
+    "layers moved closer, tuned": lambda m: len(significant_layers(m["probe"]["z_change_from_original"]["hidden"]["tuned"], 0)),
+    "layers moved closer, negative control":
+        lambda m: len(significant_layers(m["probe"]["z_change_from_original"]["hidden"]["control_other"], 0)),
+}
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat |= flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = json.dumps(value) if isinstance(value, list) else str(value)  # hashable
+    return flat
+
+
+def read_column(metrics: dict[str, Any], column: str) -> float | None:
+    try:
+        return float(COLUMNS[column](metrics))
+    except (KeyError, TypeError):
+        return None
+
+
+def group_runs(configs: list[dict[str, Any]]) -> tuple[list[int], list[str]]:
+    """(group index of each run, label of each group): runs equal up to the seed share a group."""
+    keys = [tuple(sorted((k, v) for k, v in flatten(c).items() if k != "seed")) for c in configs]
+    distinct = list(dict.fromkeys(keys))
+    differing = sorted({k for key in distinct for k, v in key if any(dict(other).get(k) != v for other in distinct)})
+    labels = [", ".join(f"{k}={dict(key)[k]}" for k in differing) or "all runs" for key in distinct]
+    return [distinct.index(k) for k in keys], labels
+
+
+def _png(fig) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return f'<figure><img alt="per-layer curves" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}"></figure>'
+
+
+def plot_curves(metrics: list[dict[str, Any]], groups: list[int], labels: list[str]) -> str:
+    """Per layer, tuned: the z-score change from the original, and the hidden city's rank. Thin lines are
+    runs; a thick line with a band is a group's mean and 95% interval across seeds."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    readers = [(lambda m: m["probe"]["z_change_from_original"]["hidden"]["tuned"]["mean"], "z-score change from the original"),
+               (lambda m: m["probe"]["hidden"]["tuned"]["rank"]["mean"], "rank of the hidden city (tuned)")]
+    for ax, (read, title) in zip(axes, readers):
+        for g, label in enumerate(labels):
+            curves = [np.array(read(m), dtype=float) for m, k in zip(metrics, groups) if k == g and "probe" in m]
+            for curve in curves:
+                ax.plot(curve, color=f"C{g}", lw=0.7, alpha=0.5)
+            if len(curves) >= 2 and len({len(c) for c in curves}) == 1:
+                summary = mean_t_ci(np.stack(curves))
+                lo = [np.nan if c is None else c[0] for c in summary["ci95"]]
+                hi = [np.nan if c is None else c[1] for c in summary["ci95"]]
+                ax.plot(summary["mean"], color=f"C{g}", lw=2, label=f"{label} (n={len(curves)})")
+                ax.fill_between(range(len(lo)), lo, hi, color=f"C{g}", alpha=0.2, lw=0)
+            elif curves:
+                ax.lines[-1].set_label(label)
+        ax.set(xlabel="layer (0 = embeddings)", title=title)
+        ax.grid(alpha=0.3)
+    axes[0].axhline(0, color="k", lw=0.6)
+    axes[1].set_yscale("log")
+    axes[1].invert_yaxis()
+    axes[0].legend(fontsize=7)
+    return _png(fig)
+
+
+def compare_runs(paths: list[str], out: str | Path) -> Path:
+    out = Path(out)
+    if out.exists():
+        raise UserError(f"--out {out} exists; nothing was overwritten: choose a new path")
+    if len(paths) < 2:
+        raise UserError("compare needs at least two run directories")
+    runs = [Run.open(p)[0] for p in paths]
+    configs = [yaml.safe_load(r.config_file.read_text(encoding="utf-8")) for r in runs]
+    metrics = [r.metrics() for r in runs]
+    groups, labels = group_runs(configs)
+    names = [r.path.name for r in runs]
+
+    def cell(value: float | None) -> str:
+        return "—" if value is None else f"{value:,.3g}"
+
+    header = "".join(f"<th>{html.escape(h)}</th>" for h in ["run", "group", "seed", *COLUMNS])
+    rows = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(x))}</td>" for x in (name, labels[g], c["seed"]))
+        + "".join(f"<td>{cell(read_column(m, col))}</td>" for col in COLUMNS) + "</tr>"
+        for name, g, c, m in zip(names, groups, configs, metrics)
+    )
+    group_rows = ""
+    for g, label in enumerate(labels):
+        members = [m for m, k in zip(metrics, groups) if k == g]
+        if len(members) < 2:
+            continue
+        cells = []
+        for col in COLUMNS:
+            values = [v for v in (read_column(m, col) for m in members) if v is not None]
+            if len(values) < 2:
+                cells.append("—")
+                continue
+            summary = mean_t_ci(np.array(values))
+            lo, hi = summary["ci95"][0]
+            cells.append(f"{summary['mean'][0]:,.3g} [{lo:,.3g}, {hi:,.3g}]")
+        group_rows += f"<tr><td>{html.escape(label)}</td><td>{len(members)}</td>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
+    groups_table = (
+        "<h2>Groups: mean [95% interval across seeds]</h2><table><thead><tr><th>group</th><th>runs</th>"
+        + "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS) + f"</tr></thead><tbody>{group_rows}</tbody></table>"
+    ) if group_rows else "<p>No two runs share a configuration up to the seed: no intervals across seeds.</p>"
+    curves = plot_curves(metrics, groups, labels) if any("probe" in m for m in metrics) else ""
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>oocrlab comparison</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:75em;margin:2em auto;padding:0 1em}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:left}}img{{max-width:100%}}</style></head>
+<body><h1>oocrlab comparison of {len(runs)} runs</h1>
+<section id="runs"><h2>Runs</h2><table><thead><tr>{header}</tr></thead><tbody>{rows}</tbody></table></section>
+<section id="groups">{groups_table}</section>
+<section id="curves"><h2>Per-layer curves</h2>{curves or "<p>No run has a probe stage.</p>"}</section>
+</body></html>
+"""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, page)
+    return out

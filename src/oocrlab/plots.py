@@ -1,0 +1,152 @@
+"""The run's figures as PNG files (matplotlib, headless), each from metrics.json alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: no display on servers or in CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from oocrlab.rundir import Run, read_jsonl  # noqa: E402
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def plot_loss(log: list[dict[str, Any]], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.plot([r["step"] for r in log], [r["loss"] for r in log], lw=1)
+    ax.set(xlabel="optimizer step", ylabel="training loss (completion tokens)", title="Training loss")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+CONDITION_COLORS = {"tuned": "C0", "original": "C1", "control_hidden": "C2", "control_other": "C3"}
+
+
+def condition_label(probe: dict[str, Any], condition: str) -> str:
+    said = probe["setup"]["conditions"][condition]["said_before"]
+    return f"original + “{said}”" if said else condition
+
+
+def _line_with_ci(ax, x0: int, summary: dict[str, list], color: str, label: str, **style) -> None:
+    """The mean per layer and, shaded, its 95% interval where there is one."""
+    xs = range(x0, x0 + len(summary["mean"]))
+    mean = [float("nan") if v is None else v for v in summary["mean"]]
+    ax.plot(xs, mean, color=color, label=label, marker=".", lw=1.2, **style)
+    lo = [float("nan") if c is None else c[0] for c in summary["ci95"]]
+    hi = [float("nan") if c is None else c[1] for c in summary["ci95"]]
+    ax.fill_between(xs, lo, hi, color=color, alpha=0.15, lw=0)
+
+
+def plot_similarity(probe: dict[str, Any], space: str, path: Path) -> Path:
+    """Left: cos(placeholder, hidden city) per condition, dotted: the 95th percentile of the candidate
+    cities' cosines (a city above it beats 95% of the candidates). Right: the hidden city's rank."""
+    x0 = 0 if space == "hidden" else 1
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.6))
+    for condition, color in CONDITION_COLORS.items():
+        stats = probe[space][condition]
+        _line_with_ci(left, x0, stats["cos_hidden"], color, condition_label(probe, condition))
+        left.plot(range(x0, x0 + len(stats["cos_candidates_p95"]["mean"])), stats["cos_candidates_p95"]["mean"],
+                  color=color, ls=":", lw=1)
+        _line_with_ci(right, x0, stats["rank"], color, condition)
+    setup = probe["setup"]
+    what = "hidden state" if space == "hidden" else "value vectors"
+    left.set(xlabel="layer" + (" (0 = embeddings)" if x0 == 0 else ""), ylabel=f"cos(placeholder, {setup['hidden_city']})",
+             title=f"{what}: similarity (dotted: candidates' 95th percentile)")
+    right.set(xlabel="layer", ylabel="rank (1 = most similar)", yscale="log",
+              title=f"rank of {setup['hidden_city']} among {setup['candidates']} candidates")
+    right.invert_yaxis()
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    left.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_logit_lens(probe: dict[str, Any], path: Path) -> Path:
+    """Heatmaps of log10(rank) of the hidden city's and its country's first token, conditions by layer."""
+    lens = probe["logit_lens"]
+    conditions = list(lens)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 2.8))
+    fig.subplots_adjust(wspace=0.45)
+    for ax, what in zip(axes, ("city", "country")):
+        ranks = np.log10([lens[c][f"{what}_rank"]["mean"] for c in conditions])
+        image = ax.imshow(ranks, aspect="auto", cmap="viridis_r", interpolation="nearest")
+        ax.set(yticks=range(len(conditions)), yticklabels=conditions, xlabel="layer (0 = embeddings)",
+               title=f"logit lens: log10 rank of {probe['setup']['lens_tokens'][what]!r}")
+        fig.colorbar(image, ax=ax)
+    return _save(fig, path)
+
+
+def plot_steering(probe: dict[str, Any], path: Path) -> Path:
+    s = probe["steering"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.4))
+    _line_with_ci(left, 0, s["cos_with_naive_direction"], "C0", "cos(shift, naive direction)")
+    _line_with_ci(left, 0, s["relative_norm"], "C4", "|shift| / |state|")
+    left.axhline(0, color="k", lw=0.6)
+    left.set(xlabel="layer (0 = embeddings)", title="the adapter's shift at the placeholder")
+    for key, color, label in (("pairwise_cos_across_templates", "C2", "mean pairwise cosine"),
+                              ("pc1_share", "C3", "share on the first direction")):
+        right.plot(range(len(s[key])), [float("nan") if v is None else v for v in s[key]], color=color, marker=".", label=label)
+    right.set(xlabel="layer (0 = embeddings)", ylim=(-0.05, 1.05), title="how constant the shift is across templates")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_patching(probe: dict[str, Any], path: Path) -> Path:
+    pt = probe["patching"]
+    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    _line_with_ci(ax, 0, pt["tuned_state"]["change"], "C0", "tuned model's state")
+    _line_with_ci(ax, 0, pt["hidden_city_state"]["change"], "C2", f"original's state for {probe['setup']['hidden_city']}")
+    ax.axhline(0, color="k", lw=0.6)
+    base, named = pt["unpatched"]["mean"][0], pt["hidden_city_named"]["mean"][0]
+    ax.set(xlabel="layer whose input is patched (0 = embeddings)", ylabel="change in P(correct | letters)",
+           title=f"patching the placeholder (unpatched {base:.2f}; city named {named:.2f}; chance 0.20)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_distance_bands(bands: list[dict[str, Any]], path: Path) -> Path:
+    """Mean absolute error per band of true distance, one bar per condition (parsed answers only)."""
+    conditions = [c for c in ("tuned", "original", "in_context", "constant_guess") if c in bands[0]]
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    width = 0.8 / len(conditions)
+    for k, condition in enumerate(conditions):
+        heights = [np.nan if b[condition]["mae_km"] is None else b[condition]["mae_km"] for b in bands]
+        ax.bar(np.arange(len(bands)) + k * width, heights, width, label=condition.replace("_", " "))
+    ax.set_xticks(np.arange(len(bands)) + width * (len(conditions) - 1) / 2,
+                  [f"{b['band_km'][0]:,}–{b['band_km'][1]:,}\n(n={b['n']})" for b in bands], fontsize=8)
+    ax.set(xlabel="true distance, km", ylabel="mean absolute error, km", title="Held-out distance error by distance")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def write_plots(run: Run, metrics: dict[str, Any]) -> dict[str, Path]:
+    """Every figure the run's metrics allow, by name."""
+    paths = {}
+    if run.train_log.exists() and (log := read_jsonl(run.train_log)):
+        paths["loss"] = plot_loss(log, run.plots_dir / "loss.png")
+    if bands := metrics.get("eval", {}).get("distance_by_band"):
+        paths["distance_bands"] = plot_distance_bands(bands, run.plots_dir / "distance_bands.png")
+    if probe := metrics.get("probe"):
+        paths["probe_hidden"] = plot_similarity(probe, "hidden", run.plots_dir / "probe_hidden.png")
+        paths["probe_values"] = plot_similarity(probe, "values", run.plots_dir / "probe_values.png")
+        paths["probe_logit_lens"] = plot_logit_lens(probe, run.plots_dir / "probe_logit_lens.png")
+        paths["probe_steering"] = plot_steering(probe, run.plots_dir / "probe_steering.png")
+        if "patching" in probe:
+            paths["probe_patching"] = plot_patching(probe, run.plots_dir / "probe_patching.png")
+    return paths
