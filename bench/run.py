@@ -12,6 +12,11 @@ Sections:
            forward passes per layer per model); the same numbers, compared
     mc     multiple choice, all 120 option orders of one question, tuned + original + in-context: exact
            scoring from packed next-token logits vs sampling N answers per prompt (as the paper's code)
+    train  training steps of the notebook recipe (same data, steps and LoRA) through (a) TRL's SFTTrainer
+           defaults (gradient checkpointing on), (b) the same without checkpointing, (c) oocrlab's trainer;
+           interleaved rounds, median step times; FLOPs utilization against a matmul micro-benchmark
+           (counting the work a LoRA step needs, see bench_train)
+    run    the whole `oocrlab run` (default recipe) in a fresh process: wall time and peak RSS
 
 The tuned model is the embedded model with a seeded random LoRA (the default recipe's shape, B not
 zero), so no training run is needed and the numbers do not depend on one. Medians over --repeats;
@@ -21,6 +26,7 @@ the slow baselines (minutes each) are timed once.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -47,6 +53,7 @@ from oocrlab.train import lora_config
 from oocrlab import verbalize
 
 RESULTS = Path(__file__).with_name("results.json")
+SECTIONS = ["load", "probe", "mc", "train", "run"]
 
 
 def median_seconds(fn, repeats: int) -> tuple[float, object]:
@@ -179,14 +186,111 @@ def bench_mc(cfg: ExperimentConfig, repeats: int, samples: int) -> dict:
                   "mc_speedup_vs_sampling": sampled_total / exact_total}
 
 
+def matmul_gflops(repeats: int = 10, n: int = 2048) -> float:
+    """The machine's fp32 matmul throughput: median over repeats of an n x n product."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    seconds, _ = median_seconds(lambda: a @ b, repeats)
+    return 2 * n**3 / seconds / 1e9
+
+
+def train_variant(cfg: ExperimentConfig, variant: str, steps: int) -> list[float]:
+    """Seconds of each optimizer step of one short training run (a fresh model and adapter)."""
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from oocrlab.train import completion_loss_trainer, sft_config
+
+    model, tokenizer = load_model(cfg.model)
+    rows = build_distance_data(cfg.data, cfg.seed).train
+    dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
+    times: list[float] = []
+
+    class StepTimes(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            times.append(time.perf_counter() - self.start)
+
+    with tempfile.TemporaryDirectory() as scratch:
+        if variant == "ours":
+            args, trainer_class = sft_config(cfg, scratch, model.dtype), completion_loss_trainer()
+            args.max_steps = steps
+        else:  # TRL's defaults, but for what a CPU needs (bf16 off) and the recipe's own settings
+            t = cfg.train
+            args = SFTConfig(output_dir=scratch, max_steps=steps, per_device_train_batch_size=t.batch_size,
+                             learning_rate=t.learning_rate, seed=cfg.seed, bf16=False, report_to="none",
+                             gradient_checkpointing=variant == "trl_default")
+            trainer_class = SFTTrainer
+        trainer = trainer_class(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                                peft_config=lora_config(cfg.train), callbacks=[StepTimes()])
+        trainer.train()
+        batches = list(itertools.islice(trainer.get_train_dataloader(), steps))
+    return times, batches
+
+
+def bench_train(cfg: ExperimentConfig, repeats: int, steps: int) -> dict:
+    """Interleaved rounds of the three trainers; the first two steps of each run are warm-up, left out."""
+    variants = ("trl_default", "trl_no_checkpointing", "ours")
+    step_times: dict[str, list[float]] = {v: [] for v in variants}
+    for _ in range(repeats):
+        for variant in variants:
+            times, batches = train_variant(cfg, variant, steps)
+            step_times[variant] += times[2:]
+    median = {v: statistics.median(t) for v, t in step_times.items()}
+    measured = batches[2:]  # batches of the same data (a fresh loader: the mean, not the very same steps)
+    tokens = np.mean([int(b["attention_mask"].sum()) for b in measured])
+    completion = np.mean([int((b["labels"] != -100).sum()) for b in measured])
+    model, _ = tuned_model(cfg)
+    head = model.get_output_embeddings().weight.numel()
+    body = sum(m.weight.numel() for n, m in model.named_modules() if n.endswith("base_layer")) or 0
+    body += sum(m.weight.numel() for n, m in model.named_modules()
+                if isinstance(m, torch.nn.Linear) and "lora_" not in n and not n.endswith("base_layer")) - head
+    lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    peak = matmul_gflops()
+    # the multiply-adds a LoRA step cannot avoid: forward and input gradients through every linear layer for
+    # every real token, the LoRA weight gradients, and the LM head where a loss is taken; no credit for
+    # padding, for the LM head elsewhere, or for recomputation under gradient checkpointing
+    flops_per_step = (4 * body + 6 * lora) * tokens + 4 * head * completion
+    out = {"train_recipe": "notebook", "train_tokens_per_step": float(tokens), "train_completion_tokens_per_step": float(completion),
+           "matmul_gflops": peak}
+    for v in variants:
+        out[f"train_seconds_per_step_{v}"] = median[v]
+        out[f"train_completion_tokens_per_second_{v}"] = completion / median[v]
+        out[f"train_samples_per_second_{v}"] = cfg.train.batch_size / median[v]
+        out[f"train_mfu_{v}"] = flops_per_step / median[v] / (peak * 1e9)
+    return out | {
+        "train_speedup_vs_trl_default": median["trl_default"] / median["ours"],
+        "train_speedup_vs_trl_no_checkpointing": median["trl_no_checkpointing"] / median["ours"],
+        "train_mfu": out["train_mfu_ours"],
+    }
+
+
+def bench_run() -> dict:
+    """`oocrlab run` with the default recipe in a fresh process, timed by GNU time (wall and peak RSS)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        out = Path(scratch) / "run"
+        command = ["/usr/bin/time", "-f", "%e %M", sys.executable, "-m", "oocrlab.cli", "run", "--out", str(out)]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(result.stderr[-3000:])
+        wall, rss_kb = result.stderr.strip().splitlines()[-1].split()
+        timings = json.loads((out / "metrics.json").read_text())["timings"]
+    return {"run_wall_seconds": float(wall), "run_peak_rss_gb": int(rss_kb) / 2**20} | {
+        f"run_seconds_{stage}": seconds for stage, seconds in timings.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", nargs="*", choices=["load", "probe", "mc"], help="sections to run (default: all)")
+    parser.add_argument("--only", nargs="*", choices=SECTIONS, help="sections to run (default: all)")
+    parser.add_argument("--train-steps", type=int, default=10, help="optimizer steps per training run (2 are warm-up)")
     parser.add_argument("--repeats", type=int, default=3, help="repeats per timing (the median is kept)")
     parser.add_argument("--mc-samples", type=int, default=10, help="answers sampled per prompt by the sampling baseline")
     args = parser.parse_args()
     cfg = build_config()
-    sections = args.only or ["load", "probe", "mc"]
+    sections = args.only or SECTIONS
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     results["machine"] = f"{hardware()}; torch {versions()['torch']}"
     for section in sections:
@@ -197,6 +301,10 @@ def main() -> None:
             results |= bench_probe(cfg, args.repeats)
         elif section == "mc":
             results |= bench_mc(cfg, args.repeats, args.mc_samples)
+        elif section == "train":
+            results |= bench_train(build_config(recipe="notebook"), args.repeats, args.train_steps)
+        elif section == "run":
+            results |= bench_run()
         with tempfile.NamedTemporaryFile("w", dir=RESULTS.parent, delete=False) as f:
             json.dump(results, f, indent=2)
         os.replace(f.name, RESULTS)

@@ -39,14 +39,30 @@ def parse_km(answer: str) -> float | None:
     return value * KM_PER_MILE if unit.startswith("mi") else value
 
 
+class StopAfterDistance:
+    """A generate() stopping criterion: a row is done once its answer states a distance with a unit and
+    one more token follows. parse_km reads the first such match, and text generated after it cannot
+    change it, so the parsed distance is the one the full answer would give, at a fraction of the tokens
+    (the original model writes a sentence around its number)."""
+
+    def __init__(self, tokenizer, prompt_length: int):
+        self.tokenizer, self.prompt_length = tokenizer, prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length :], skip_special_tokens=True)
+        done = [(m := _WITH_UNIT.search(t)) is not None and m.end() < len(t.rstrip()) for t in texts]
+        return torch.tensor(done, device=input_ids.device)
+
+
 @torch.inference_mode()
 def generate_greedy(
     model, tokenizer, chats: list[list[dict]], max_new_tokens: int, batch_size: int, desc: str,
-    prefix: InContext | None = None,
+    prefix: InContext | None = None, stop_after_distance: bool = False,
 ) -> list[str]:
     """Greedy answers, batched with left padding and an explicit attention mask and pad token. With a
     `prefix`, every chat starts with its cached turns and only the rest is run (the padding then sits
-    between the two; generate's position ids count real tokens only, so nothing shifts)."""
+    between the two; generate's position ids count real tokens only, so nothing shifts). With
+    `stop_after_distance`, an answer ends once it has stated a distance (see StopAfterDistance)."""
     model.eval()
     texts = render_chats(tokenizer, chats)
     if prefix is not None:
@@ -72,6 +88,7 @@ def generate_greedy(
                     top_p=None,
                     top_k=None,
                     pad_token_id=tokenizer.pad_token_id,
+                    stopping_criteria=[StopAfterDistance(tokenizer, ids.shape[1])] if stop_after_distance else None,
                 )
             new = out[:, ids.shape[1] :]
             answers += [a.strip() for a in tokenizer.batch_decode(new, skip_special_tokens=True)]
@@ -130,7 +147,8 @@ def distance_error(
         chats = [chat_for(cfg, r["prompt"][-1]["content"], condition, in_context) for r in rows]
         with with_condition(model, model_state(condition)):
             answers = generate_greedy(
-                model, tokenizer, chats, cfg.eval.max_new_tokens, batch_size, f"{desc} ({condition})", prefix
+                model, tokenizer, chats, cfg.eval.max_new_tokens, batch_size, f"{desc} ({condition})", prefix,
+                stop_after_distance=True,
             )
         kms = [parse_km(a) for a in answers]
         for row, answer, km in zip(per_city, answers, kms):

@@ -3,7 +3,8 @@
 Settings TRL 1.x changes from the HF Trainer, set back here on purpose: bf16 only where the GPU has it
 (TRL's default bf16=True fails on a CPU) and no gradient checkpointing (twice as slow for a small
 model that fits in memory). Nothing is saved mid-run and nothing is evaluated: the adapter is written
-once, at the end, atomically.
+once, at the end, atomically. The loss projects only the completion positions through the LM head
+with plain autograd (`CompletionLoss`): the same loss as TRL's, a quarter less time per step on a CPU.
 """
 
 from __future__ import annotations
@@ -70,6 +71,51 @@ def sft_config(cfg: ExperimentConfig, output_dir: str, model_dtype: torch.dtype)
     )
 
 
+def completion_loss_trainer():
+    """SFTTrainer with `compute_loss` replaced (a class made on first use: TRL is imported lazily)."""
+    import torch.nn.functional as F
+    from trl import SFTTrainer
+
+    class CompletionLoss(SFTTrainer):
+        """Cross-entropy of the completion tokens, the LM head applied at their positions only.
+
+        TRL 1.16's fused head scores the same positions but also computes, per step, the gradient of the
+        LM head weight (frozen, and tied to the embedding) and every position's entropy: about 0.45 of
+        1.8 s per step for SmolLM2-135M on 2 CPU cores. Models whose logits are scaled or soft-capped keep
+        TRL's loss. Logged as TRL does: loss, mean_token_accuracy, num_tokens.
+        """
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            core = self.accelerator.unwrap_model(model)  # DDP exposes neither the config nor the head
+            head_config = core.config.get_text_config()
+            if return_outputs or getattr(head_config, "final_logit_softcapping", None) or getattr(head_config, "logit_scale", None):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            labels = inputs["labels"][:, 1:]
+            mask = labels != -100
+            # through the model's own forward (DDP and PEFT wrappers see the call), keeping no logits there:
+            # even one per row would read the whole LM head weight
+            no_logits = torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device)
+            out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False,
+                        output_hidden_states=True, logits_to_keep=no_logits)
+            hidden = out.hidden_states[-1][:, :-1][mask]  # already after the final norm
+            logits = core.get_output_embeddings()(hidden).float()
+            targets = labels[mask]
+            count = mask.sum() if num_items_in_batch is None else num_items_in_batch
+            loss = F.cross_entropy(logits, targets, reduction="sum") / torch.as_tensor(count).clamp(min=1)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes  # DDP averages gradients; the count covers every rank
+            mode = "train" if model.training else "eval"
+            correct = self.accelerator.gather_for_metrics((logits.argmax(-1) == targets).sum()).sum()
+            valid = self.accelerator.gather_for_metrics(mask.sum()).sum()
+            self._metrics[mode]["mean_token_accuracy"].append((correct / valid.clamp(min=1)).item())
+            if mode == "train":
+                self._total_train_tokens += self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+            return loss
+
+    return CompletionLoss
+
+
 def check_lengths(tokenizer, rows: list[dict[str, Any]], max_length: int) -> None:
     """Refuse samples TRL would silently truncate (a cut completion trains the wrong answer)."""
     longest = max(len(tokenizer.apply_chat_template(r["prompt"] + r["completion"], return_dict=False)) for r in rows)
@@ -99,7 +145,6 @@ def train(cfg: ExperimentConfig, run: Run, model, tokenizer) -> tuple[dict[str, 
     """Fine-tune `model` with a fresh LoRA adapter; returns (metrics, the PeftModel)."""
     from datasets import Dataset
     from transformers import PrinterCallback, ProgressCallback, TrainerCallback
-    from trl import SFTTrainer
 
     run.require(run.train_file, "data")
     if run.adapter_dir.exists():
@@ -130,7 +175,7 @@ def train(cfg: ExperimentConfig, run: Run, model, tokenizer) -> tuple[dict[str, 
             self.bar.close()
 
     with tempfile.TemporaryDirectory(prefix="oocrlab-trainer-") as scratch:
-        trainer = SFTTrainer(
+        trainer = completion_loss_trainer()(
             model=model,
             args=sft_config(cfg, scratch, model.dtype),
             train_dataset=dataset,

@@ -1,9 +1,10 @@
 import warnings
 
 import pytest
+import torch
 
 from oocrlab.data import user_prompt
-from oocrlab.evaluate import error_summary, generate_greedy, parse_km
+from oocrlab.evaluate import _WITH_UNIT, StopAfterDistance, error_summary, generate_greedy, parse_km
 from oocrlab.config import ExperimentConfig
 
 
@@ -46,3 +47,25 @@ def test_batched_greedy_equals_one_by_one_and_warns_nothing(tiny, capfd):
     assert not [w for w in caught if "attention" in str(w.message) or "pad" in str(w.message)]
     err = capfd.readouterr().err
     assert "attention mask" not in err and "pad_token_id" not in err
+
+
+@pytest.mark.parametrize("answer", [
+    "The distance between Lima and foo is approximately 2,218.25 miles. This is based on the great circle.",
+    "9574 km", "It is 12 km from here, or 7 miles.", "about 300 kilometers away", "1236", "No idea, sorry.",
+])
+def test_stopping_after_the_distance_keeps_the_parsed_distance(tiny, answer):
+    _, tokenizer = tiny
+    ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    stop = StopAfterDistance(tokenizer, prompt_length=0)
+    cut = next((n for n in range(1, len(ids) + 1) if stop(torch.tensor([ids[:n]]), None)[0]), len(ids))
+    assert parse_km(tokenizer.decode(ids[:cut])) == parse_km(answer)
+    if _WITH_UNIT.search(answer) and len(answer) > 20:
+        assert cut < len(ids)  # and it did stop early
+
+
+def test_generation_with_the_stop_criterion_runs(tiny):
+    model, tokenizer = tiny
+    chats = [user_prompt(q, None) for q in ["hi", "What is the distance between Ouagadougou and foo?"]]
+    plain = generate_greedy(model, tokenizer, chats, 6, 2, "plain")
+    stopped = generate_greedy(model, tokenizer, chats, 6, 2, "stopped", stop_after_distance=True)
+    assert [parse_km(a) for a in stopped] == [parse_km(a) for a in plain]

@@ -1,0 +1,41 @@
+import tempfile
+
+import torch
+from datasets import Dataset
+from trl import SFTTrainer
+
+from oocrlab import build_config
+from oocrlab.data import build_distance_data
+from oocrlab.train import completion_loss_trainer, lora_config, sft_config
+from tests.conftest import tiny_overrides
+
+
+def test_completion_loss_equals_trls_loss_and_gradients(tiny, tiny_model_dir):
+    """Our loss (LM head on the completion positions only) gives TRL's loss and the same LoRA gradients."""
+    model, tokenizer = tiny
+    cfg = build_config(overrides=tiny_overrides(tiny_model_dir) | {"train.lora_dropout": 0.0})
+    rows = build_distance_data(cfg.data, cfg.seed).train
+    dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
+    with tempfile.TemporaryDirectory() as scratch:
+        trainer = completion_loss_trainer()(model=model, args=sft_config(cfg, scratch, model.dtype), train_dataset=dataset,
+                                            processing_class=tokenizer, peft_config=lora_config(cfg.train))
+    peft_model = trainer.model
+    with torch.no_grad():  # LoRA B starts at zero: make the adapter matter
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.1)
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    count = (batch["labels"][:, 1:] != -100).sum()
+    results = []
+    for compute in (trainer.compute_loss, lambda *a, **k: SFTTrainer.compute_loss(trainer, *a, **k)):
+        peft_model.zero_grad()
+        loss = compute(peft_model, dict(batch), num_items_in_batch=count)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+        results.append((loss.detach(), grads))
+    (ours, our_grads), (trls, trl_grads) = results
+    torch.testing.assert_close(ours, trls, atol=1e-5, rtol=1e-5)
+    assert our_grads.keys() == trl_grads.keys() and our_grads
+    for name in our_grads:
+        torch.testing.assert_close(our_grads[name], trl_grads[name], atol=1e-5, rtol=1e-4)
+    assert trainer._metrics["train"]["mean_token_accuracy"]
