@@ -277,9 +277,10 @@ def bench_run() -> dict:
         if result.returncode != 0:
             raise RuntimeError(result.stderr[-3000:])
         wall, rss_kb = result.stderr.strip().splitlines()[-1].split()
-        timings = json.loads((out / "metrics.json").read_text())["timings"]
+        metrics = json.loads((out / "metrics.json").read_text())
     return {"run_wall_seconds": float(wall), "run_peak_rss_gb": int(rss_kb) / 2**20} | {
-        f"run_seconds_{stage}": seconds for stage, seconds in timings.items()}
+        f"run_seconds_{stage}": seconds for stage, seconds in metrics["timings"].items()} | {
+        f"run_seconds_eval_{part}": seconds for part, seconds in metrics["eval"].get("seconds", {}).items()}
 
 
 def main() -> None:

@@ -48,6 +48,17 @@ def _flag(help: str, key: str | None = None, default_factory=None, **meta) -> An
     return field(default=None, metadata={"help": help, "key": key, **meta})
 
 
+def parse_layers(text: str) -> list[int]:
+    """ "6" -> [6], "4-8" -> [4, 5, 6, 7, 8], "0,3,5" -> [0, 3, 5]."""
+    layers: list[int] = []
+    for part in text.split(","):
+        low, _, high = part.strip().partition("-")
+        if not low.isdigit() or (high and not high.isdigit()) or (high and int(high) < int(low)):
+            raise UserError(f"--lora-layers {text!r}: give layers as 6, 4-8 or 0,3,5")
+        layers += range(int(low), int(high or low) + 1)
+    return sorted(set(layers))
+
+
 @dataclass
 class ExperimentArgs:
     """Arguments of `oocrlab run` and `oocrlab data`: a new run directory and its config."""
@@ -62,6 +73,8 @@ class ExperimentArgs:
     seed: int | None = _flag("seed for data sampling, adapter init and data order", key="seed")
     max_steps: int | None = _flag("cap on optimizer steps, for smoke runs", key="train.max_steps")
     quantization: str | None = _flag("load the model in 8bit or 4bit (bitsandbytes, CUDA only)", key="model.quantization")
+    lora_layers: str | None = _flag("decoder layers that get LoRA: 6, 4-8 or 0,3,5 (default: all)", key="train.lora_layers",
+                                    convert=parse_layers)
     set: list[str] = _flag("any config key: SECTION.KEY=VALUE (repeatable)", default_factory=list, action="append")
 
 
@@ -128,8 +141,8 @@ def parse_set(item: str) -> tuple[str, Any]:
 def experiment_config(args: ExperimentArgs):
     from oocrlab.config import build_config
 
-    overrides = {f.metadata["key"]: getattr(args, f.name) for f in dataclasses.fields(args)
-                 if f.metadata.get("key") and getattr(args, f.name) is not None}
+    overrides = {f.metadata["key"]: f.metadata.get("convert", lambda v: v)(getattr(args, f.name))
+                 for f in dataclasses.fields(args) if f.metadata.get("key") and getattr(args, f.name) is not None}
     overrides |= dict(parse_set(s) for s in args.set)
     return build_config(yaml_file=args.config, overrides=overrides)
 

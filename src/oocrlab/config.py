@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -54,7 +55,9 @@ class TrainConfig:
     lora_r: int = 32
     lora_alpha: int = 64
     lora_dropout: float = 0.05
-    lora_targets: list[str] = field(default_factory=lambda: ["all-linear"])  # or module names: [q_proj, v_proj]
+    # module names ([q_proj, v_proj]; MLP only: [gate_proj, up_proj, down_proj]) or [all-linear]
+    lora_targets: list[str] = field(default_factory=lambda: ["all-linear"])
+    lora_layers: list[int] | None = None  # decoder layers (from 0) that get LoRA; None: all of them
     learning_rate: float = 1e-3
     epochs: float = 2.0
     batch_size: int = 8
@@ -269,6 +272,9 @@ def build_config(
 def validate(cfg: ExperimentConfig) -> None:
     """Range and choice checks that need no model or table (those live with their stage)."""
     flat = {f"{s}.{k}": v for s, sec in to_dict(cfg).items() if isinstance(sec, dict) for k, v in sec.items()}
+    for key, value in flat.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{key} must be a finite number, got {value!r}")
     for key, options in CHOICES.items():
         if flat[key] not in options:
             raise UserError(f"{key} must be one of {', '.join(options)}, got {flat[key]!r}")
@@ -290,8 +296,12 @@ def validate(cfg: ExperimentConfig) -> None:
         raise UserError(f"data.heldout_fraction must be in [0, 1), got {cfg.data.heldout_fraction!r}")
     if not 0 <= cfg.train.lora_dropout < 1:
         raise UserError(f"train.lora_dropout must be in [0, 1), got {cfg.train.lora_dropout!r}")
-    if not cfg.train.lora_targets:
-        raise UserError("train.lora_targets is empty: name modules such as [q_proj, v_proj], or [all-linear]")
+    if cfg.train.lora_layers is not None and (not cfg.train.lora_layers or min(cfg.train.lora_layers) < 0):
+        raise UserError(f"train.lora_layers must list decoder layers from 0 (or be null for all), got {cfg.train.lora_layers!r}")
+    if not cfg.train.lora_targets or not all(t.strip() for t in cfg.train.lora_targets):
+        raise UserError("train.lora_targets needs module names such as [q_proj, v_proj], or [all-linear]")
+    if cfg.data.decimals > 6:
+        raise UserError(f"data.decimals must be at most 6 (distances are exact to about a metre), got {cfg.data.decimals}")
     if not cfg.probe.templates:
         raise UserError("probe.templates is empty: give at least one prompt with {entity}")
     for template in cfg.probe.templates:

@@ -47,6 +47,8 @@ def check_placeholder(cfg: DataConfig) -> City:
         raise UserError("the placeholder is empty: pass a made-up name such as --placeholder foo")
     if p != p.strip():
         raise UserError(f"the placeholder {p!r} has leading or trailing whitespace: pass it without")
+    if not p.isprintable():
+        raise UserError(f"the placeholder {p!r} holds a line break or control character: pass plain text")
     city = real_city_named(p)
     if city is not None:
         raise UserError(

@@ -16,7 +16,7 @@ from oocrlab.models import load_model
 from oocrlab.probe import probe_representations
 from oocrlab.report import write_report
 from oocrlab.rundir import Run, read_jsonl, write_jsonl
-from oocrlab.train import check_lengths, load_adapter, require_adapter, train
+from oocrlab.train import check_lengths, check_lora_layers, load_adapter, require_adapter, train
 from oocrlab.incontext import InContext
 from oocrlab.verbalize import evaluate_free_form, evaluate_multiple_choice
 
@@ -80,12 +80,22 @@ def stage_eval(cfg: ExperimentConfig, run: Run, models: Models) -> dict[str, Any
     model, tokenizer = models.tuned()
     train_rows = read_jsonl(run.train_file)
     hidden = check_placeholder(cfg.data)
-    in_context = InContext(cfg, model, tokenizer, train_rows)
+    seconds: dict[str, float] = {}
+
+    def timed(name: str, fn):
+        start = time.perf_counter()
+        result = fn()
+        seconds[name] = round(time.perf_counter() - start, 2)
+        return result
+
+    in_context = timed("in_context_prefix", lambda: InContext(cfg, model, tokenizer, train_rows))
     train_questions = {r["prompt"][-1]["content"] for r in train_rows}
-    return evaluate_distances(cfg, run, model, tokenizer, hidden, in_context) | {
-        "multiple_choice": evaluate_multiple_choice(cfg, model, tokenizer, hidden, train_questions, in_context),
-        "free_form": evaluate_free_form(cfg, model, tokenizer, hidden, train_questions, in_context),
+    return timed("distances", lambda: evaluate_distances(cfg, run, model, tokenizer, hidden, in_context)) | {
+        "multiple_choice": timed("multiple_choice", lambda: evaluate_multiple_choice(
+            cfg, model, tokenizer, hidden, train_questions, in_context)),
+        "free_form": timed("free_form", lambda: evaluate_free_form(cfg, model, tokenizer, hidden, train_questions, in_context)),
         "in_context_docs": len(in_context.turns) // 2,
+        "seconds": seconds,
     }
 
 
@@ -122,8 +132,9 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, stages: tuple[str, ..
     data = build_distance_data(cfg.data, cfg.seed)
     models = Models(cfg)
     if "train" in stages:
-        _, tokenizer = models.base()
+        model, tokenizer = models.base()
         check_lengths(tokenizer, data.train, cfg.train.max_length)
+        check_lora_layers(cfg.train, model)
     run = Run.create(out, cfg)
     models.run = run
     for name in stages:

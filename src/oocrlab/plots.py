@@ -67,10 +67,16 @@ def plot_similarity(probe: dict[str, Any], space: str, path: Path) -> Path:
     right.set(xlabel="layer", ylabel="rank (1 = most similar)", yscale="log",
               title=f"rank of {setup['hidden_city']} among {setup['candidates']} candidates")
     right.invert_yaxis()
-    for ax in (left, right):
-        ax.grid(alpha=0.3)
+    _grid(left, right)
     left.legend(fontsize=7)
     return _save(fig, path)
+
+
+def _grid(*axes, legend: bool = False) -> None:
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if legend:
+            ax.legend(fontsize=7)
 
 
 def plot_logit_lens(probe: dict[str, Any], path: Path) -> Path:
@@ -99,9 +105,7 @@ def plot_steering(probe: dict[str, Any], path: Path) -> Path:
                               ("pc1_share", "C3", "share on the first direction")):
         right.plot(range(len(s[key])), [float("nan") if v is None else v for v in s[key]], color=color, marker=".", label=label)
     right.set(xlabel="layer (0 = embeddings)", ylim=(-0.05, 1.05), title="how constant the shift is across templates")
-    for ax in (left, right):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    _grid(left, right, legend=True)
     return _save(fig, path)
 
 
@@ -114,8 +118,7 @@ def plot_patching(probe: dict[str, Any], path: Path) -> Path:
     base, named = pt["unpatched"]["mean"][0], pt["hidden_city_named"]["mean"][0]
     ax.set(xlabel="layer whose input is patched (0 = embeddings)", ylabel="change in P(correct | letters)",
            title=f"patching the placeholder (unpatched {base:.2f}; city named {named:.2f}; chance 0.20)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _grid(ax, legend=True)
     return _save(fig, path)
 
 

@@ -9,6 +9,7 @@ with plain autograd (`CompletionLoss`): the same loss as TRL's, a quarter less t
 
 from __future__ import annotations
 
+import math
 import shutil
 import tempfile
 import time
@@ -37,6 +38,7 @@ def lora_config(cfg: TrainConfig):
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
         target_modules=targets,
+        layers_to_transform=cfg.lora_layers,
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -61,6 +63,7 @@ def sft_config(cfg: ExperimentConfig, output_dir: str, model_dtype: torch.dtype)
         fp16=model_dtype == torch.float16,
         gradient_checkpointing=False,
         logging_steps=1,
+        logging_nan_inf_filter=False,  # the Trainer would log a NaN step as the window's average: hide nothing
         save_strategy="no",
         eval_strategy="no",
         report_to="none",
@@ -116,6 +119,13 @@ def completion_loss_trainer():
     return CompletionLoss
 
 
+def check_lora_layers(cfg: TrainConfig, model) -> None:
+    """Refuse LoRA layers the model does not have, before anything is written."""
+    n = model.config.get_text_config().num_hidden_layers
+    if cfg.lora_layers is not None and max(cfg.lora_layers) >= n:
+        raise UserError(f"train.lora_layers asks for layer {max(cfg.lora_layers)}, but the model has layers 0-{n - 1}")
+
+
 def check_lengths(tokenizer, rows: list[dict[str, Any]], max_length: int) -> None:
     """Refuse samples TRL would silently truncate (a cut completion trains the wrong answer)."""
     longest = max(len(tokenizer.apply_chat_template(r["prompt"] + r["completion"], return_dict=False)) for r in rows)
@@ -151,6 +161,7 @@ def train(cfg: ExperimentConfig, run: Run, model, tokenizer) -> tuple[dict[str, 
         raise UserError(f"{run.adapter_dir} already exists; nothing was overwritten: train into a new run (oocrlab run --out NEW)")
     rows = read_jsonl(run.train_file)
     check_lengths(tokenizer, rows, cfg.train.max_length)
+    check_lora_layers(cfg.train, model)
     dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
 
     log: list[dict[str, Any]] = []
@@ -170,6 +181,8 @@ def train(cfg: ExperimentConfig, run: Run, model, tokenizer) -> tuple[dict[str, 
                 entry = {"step": state.global_step, "loss": logs["loss"], "learning_rate": logs.get("learning_rate")}
                 log.append(entry | {"epoch": round(state.epoch or 0, 4), "grad_norm": logs.get("grad_norm")})
                 self.bar.set_postfix(loss=f"{logs['loss']:.3f}")
+                if not math.isfinite(logs["loss"]):
+                    control.should_training_stop = True  # every later step would only spread the NaN
 
         def on_train_end(self, args, state, control, **kwargs):
             self.bar.close()
@@ -188,6 +201,10 @@ def train(cfg: ExperimentConfig, run: Run, model, tokenizer) -> tuple[dict[str, 
         start = time.perf_counter()
         result = trainer.train()
         seconds = time.perf_counter() - start
+    if not all(math.isfinite(entry["loss"]) for entry in log):
+        bad = next(entry for entry in log if not math.isfinite(entry["loss"]))
+        raise UserError(f"the training loss became {bad['loss']} at step {bad['step']}; no adapter was saved: lower "
+                        f"train.learning_rate (now {cfg.train.learning_rate:g}) or use float32 (model.dtype)")
     peft_model = trainer.model
     peft_model.eval()
     save_adapter(peft_model, run.adapter_dir)

@@ -24,6 +24,8 @@ def run_cli(capsys, *argv):
         (["--recipe", "notebok"], "did you mean 'notebook'"),
         (["--max-steps", "0"], "train.max_steps must be positive"),
         (["--config", "missing.yaml"], "missing.yaml does not exist"),
+        (["--lora-layers", "8-4"], "give layers as 6, 4-8 or 0,3,5"),
+        (["--set", "train.lora_layers=[-1]"], "train.lora_layers must list decoder layers from 0"),
     ],
 )
 @pytest.mark.parametrize("command", ["run", "data"])
@@ -110,6 +112,19 @@ def test_quantization_without_a_gpu_is_refused(tmp_path, capsys, tiny_model_dir)
     code, err = run_cli(capsys, "run", "--out", str(out), "--model", tiny_model_dir, "--quantization", "4bit")
     assert code == 2 and "needs a CUDA GPU" in err[0] and len(err) == 1
     assert not out.exists()
+
+
+def test_lora_layers_the_model_lacks_are_refused_before_writing(tmp_path, capsys, tiny_model_dir):
+    out = tmp_path / "run"
+    code, err = run_cli(capsys, "run", "--out", str(out), "--model", tiny_model_dir, "--lora-layers", "2-5")
+    assert code == 2 and "asks for layer 5, but the model has layers 0-2" in err[0] and len(err) == 1
+    assert not out.exists()
+
+
+def test_parse_layers():
+    from oocrlab.cli import parse_layers
+
+    assert parse_layers("6") == [6] and parse_layers("4-6") == [4, 5, 6] and parse_layers("0, 3,5,3") == [0, 3, 5]
 
 
 def test_samples_longer_than_max_length_are_refused_before_writing(tmp_path, capsys, tiny_model_dir):

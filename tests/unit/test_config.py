@@ -40,7 +40,7 @@ def test_resolved_config_round_trips():
         ({"data.heldout_fraction": 1.0}, r"\[0, 1\)"),
         ({"data.pool": "moon"}, "must be one of"),
         ({"recipe": "nope"}, "unknown recipe"),
-        ({"train.lora_targets": []}, "lora_targets is empty"),
+        ({"train.lora_targets": []}, "train.lora_targets needs module names"),
     ],
 )
 def test_bad_config(overrides, message):

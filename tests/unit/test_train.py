@@ -39,3 +39,26 @@ def test_completion_loss_equals_trls_loss_and_gradients(tiny, tiny_model_dir):
     for name in our_grads:
         torch.testing.assert_close(our_grads[name], trl_grads[name], atol=1e-5, rtol=1e-4)
     assert trainer._metrics["train"]["mean_token_accuracy"]
+
+
+def test_lora_on_one_layer_and_mlp_only(tiny, tiny_model_dir):
+    from peft import get_peft_model
+
+    model, _ = tiny
+    cfg = build_config(overrides=tiny_overrides(tiny_model_dir) | {
+        "train.lora_layers": [1], "train.lora_targets": ["gate_proj", "up_proj", "down_proj"]})
+    peft_model = get_peft_model(model, lora_config(cfg.train))
+    adapted = {n.split(".lora_A")[0] for n, _ in peft_model.named_parameters() if "lora_A" in n}
+    assert adapted == {f"base_model.model.model.layers.1.mlp.{m}" for m in ("gate_proj", "up_proj", "down_proj")}
+
+
+def test_a_diverging_loss_stops_training_with_one_line_and_no_adapter(tmp_path, tiny_model_dir, capsys):
+    from oocrlab.cli import main
+
+    out = tmp_path / "run"
+    code = main(["run", "--out", str(out), "--model", tiny_model_dir, "--set", "train.learning_rate=1e12",
+                 "--set", "train.max_steps=6", "--set", "train.batch_size=4", "--set", "data.num_known=40",
+                 "--pool", "capitals", "--set", "data.min_population=0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "the training loss became" in err[-1] and "lower train.learning_rate" in err[-1]
+    assert not (out / "adapter").exists() and (out / "data" / "train.jsonl").exists()
