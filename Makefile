@@ -27,4 +27,4 @@ test: setup
 	$(PY) -m pytest -q
 
 bench: setup
-	$(PY) bench/calibrate.py --out runs/calibration-$$(date +%Y%m%d-%H%M%S)
+	$(PY) bench/run.py
