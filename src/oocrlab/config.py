@@ -321,10 +321,18 @@ def to_yaml(cfg: ExperimentConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
 
 
+# Keys renamed since a run directory may have been made: (section, old key) -> (new key, convert the value).
+RENAMED = {("probe", "template"): ("templates", lambda template: [template])}
+
+
 def from_yaml_text(text: str) -> ExperimentConfig:
-    """Read back a resolved config.yaml (no recipe applied: it is already resolved)."""
+    """Read back a resolved config.yaml (no recipe applied: it is already resolved); keys that have been
+    renamed since are read under their new name, so older run directories stay usable."""
     cfg = ExperimentConfig()
     loaded = yaml.safe_load(text) or {}
+    for (section, old), (new, convert) in RENAMED.items():
+        if isinstance(loaded.get(section), dict) and old in loaded[section] and new not in loaded[section]:
+            loaded[section][new] = convert(loaded[section].pop(old))
     apply_overrides(cfg, loaded)
     validate(cfg)
     return cfg

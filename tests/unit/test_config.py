@@ -53,3 +53,10 @@ def test_yaml_that_is_not_a_mapping(tmp_path):
     f.write_text("- a\n- b\n")
     with pytest.raises(UserError, match="mapping"):
         build_config(yaml_file=f)
+
+
+def test_an_older_run_config_with_a_renamed_key_still_loads():
+    from oocrlab.config import from_yaml_text
+
+    cfg = from_yaml_text("seed: 3\nprobe:\n  template: 'What is the distance between New York and {entity}?'\n")
+    assert cfg.seed == 3 and cfg.probe.templates == ["What is the distance between New York and {entity}?"]
