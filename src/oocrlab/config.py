@@ -29,6 +29,7 @@ class ModelConfig:
     name: str = "smollm2-135m"  # embedded GGUF (default) | a local directory | a hub id already in the HF cache
     quantization: str = "none"  # none | 8bit | 4bit: bitsandbytes, CUDA only
     dtype: str = "auto"  # auto (bf16 on a CUDA GPU that has it, else fp32) | float32 | bfloat16 | float16
+    allow_pickle: bool = False  # also load weights saved only as pickle (.bin), which can run code: files you trust
 
 
 @dataclass

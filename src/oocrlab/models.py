@@ -142,12 +142,19 @@ def load_model(cfg: ModelConfig):
     device = pick_device()
     dtype = pick_dtype(cfg, device)
     quant = quantization_config(cfg, device, dtype)
-    model = AutoModelForCausalLM.from_pretrained(
-        path,
-        dtype=dtype,
-        quantization_config=quant,
-        device_map={"": device.index or 0} if device.type == "cuda" else None,
-    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=dtype,
+            quantization_config=quant,
+            device_map={"": device.index or 0} if device.type == "cuda" else None,
+            use_safetensors=None if cfg.allow_pickle else True,  # pickle can run code on load
+        )
+    except OSError as e:
+        if cfg.allow_pickle or "safetensors" not in str(e):
+            raise
+        raise UserError(f"model {path} has no safetensors weights (pickle files can run code when loaded): convert it, "
+                        "or pass --set model.allow_pickle=true for files you trust") from None
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 

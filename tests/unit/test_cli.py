@@ -139,3 +139,23 @@ def test_usage_errors_are_one_line(capsys):
         main(["run", "--seed", "x"])
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1 and "invalid int value: 'x'" in err[0]
+
+
+def test_pickle_only_weights_are_refused_unless_allowed(tmp_path, capsys, tiny_model_dir):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    pickled = tmp_path / "pickled-model"
+    shutil.copytree(tiny_model_dir, pickled)
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    out = tmp_path / "run"
+    code, err = run_cli(capsys, "run", "--out", str(out), "--model", str(pickled), "--max-steps", "1")
+    assert code == 2 and len(err) == 1 and "has no safetensors weights" in err[0] and "model.allow_pickle" in err[0]
+    assert not out.exists()
+    from oocrlab.config import ModelConfig
+    from oocrlab.models import load_model
+
+    model, _ = load_model(ModelConfig(name=str(pickled), allow_pickle=True))
+    assert model.config.num_hidden_layers == 3
