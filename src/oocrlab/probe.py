@@ -227,18 +227,20 @@ def patching_curve(cfg: ExperimentConfig, model, tokenizer, hidden: City) -> dic
     template = COUNTRY_QUESTION.replace("{placeholder}", "{entity}")
     n_layers = model.config.num_hidden_layers
     layer_of_row = [None, *range(n_layers), *range(n_layers)]  # unpatched, tuned source, hidden-city source
+    orders = [[(i + shift) % len(LETTERS) for i in range(len(LETTERS))] for shift in range(cfg.probe.patch_orders)]
+    located = [tuple(locate_in_template(cfg, tokenizer, mc_question(template, [options[j] for j in order]), entity)
+                     for entity in (cfg.data.placeholder, hidden.plain_name)) for order in orders]
+    # the states to patch in: the entity comes before the options, so they are the same in every order
+    with with_condition(model, "tuned"):
+        tuned_states, _ = last_token_activations(model, [located[0][0].up_to_entity()], desc="patching sources")
+    with with_condition(model, "original"):
+        city_states, _ = last_token_activations(model, [located[0][1].up_to_entity()], desc="patching sources")
+    width = tuned_states.shape[-1]
+    sources = torch.cat([torch.zeros(1, width), tuned_states[0, :n_layers], city_states[0, :n_layers]])
     p_correct, p_named = [], []
-    for shift in range(cfg.probe.patch_orders):
-        order = [(i + shift) % len(LETTERS) for i in range(len(LETTERS))]
+    for order, (placeholder, city) in zip(orders, located):
         correct = order.index(0)
-        question = mc_question(template, [options[j] for j in order])
-        placeholder, city = (locate_in_template(cfg, tokenizer, question, e) for e in (cfg.data.placeholder, hidden.plain_name))
-        with with_condition(model, "tuned"):
-            tuned_states, _ = last_token_activations(model, [placeholder.up_to_entity()], desc="patching sources")
         with with_condition(model, "original"):
-            city_states, _ = last_token_activations(model, [city.up_to_entity()], desc="patching sources")
-            width = tuned_states.shape[-1]
-            sources = torch.cat([torch.zeros(1, width), tuned_states[0, :n_layers], city_states[0, :n_layers]])
             probs = patched_letter_probabilities(model, tokenizer, placeholder.ids, placeholder.token_indices[-1], sources,
                                                  layer_of_row, cfg.eval.batch_size)
             named = patched_letter_probabilities(model, tokenizer, city.ids, 0, sources[:1], [None], 1)

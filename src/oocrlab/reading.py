@@ -53,7 +53,7 @@ def probe_reading(probe: dict[str, Any]) -> list[str]:
     return sentences
 
 
-def _interval(stats: dict[str, Any], key: str, digits: int) -> str:
+def interval(stats: dict[str, Any], key: str, digits: int) -> str:
     """stats[key] with its interval stats[key + "_ci95"] as "value [low, high]"; "—" without a value."""
     if stats.get(key) is None:
         return "—"
@@ -81,7 +81,7 @@ def headline(metrics: dict[str, Any]) -> list[str]:
         ratio = dist["tuned_mae_over_best_baseline"]
         learned = ratio < 1
         sentences.append(
-            f"Distances: on held-out cities the tuned model's error is {_interval(dist['tuned'], 'mae_km', 0)} km "
+            f"Distances: on held-out cities the tuned model's error is {interval(dist['tuned'], 'mae_km', 0)} km "
             f"against {dist['constant_guess']['mae_km']:,.0f} km for a constant guess "
             f"({ratio:.2f} of the best baseline over every city): it "
             + ("learned the distances to the placeholder." if learned else "did not learn the distances better than a baseline.")
@@ -93,9 +93,9 @@ def headline(metrics: dict[str, Any]) -> list[str]:
         verdicts.append(above)
         sentences.append(
             f"Verbalization: asked which country {placeholder} is in (five options, nearest countries as distractors), "
-            f"the tuned model gives the right letter with P = {_interval(tuned, 'p_correct', 2)} of its letter "
-            f"probability, the original {_interval(original, 'p_correct', 2)}, in-context "
-            f"{_interval(s['in_context'], 'p_correct', 2)}, chance {s['chance']:.2f}: "
+            f"the tuned model gives the right letter with P = {interval(tuned, 'p_correct', 2)} of its letter "
+            f"probability, the original {interval(original, 'p_correct', 2)}, in-context "
+            f"{interval(s['in_context'], 'p_correct', 2)}, chance {s['chance']:.2f}: "
             + ("above chance and above the original." if above else "no evidence that the tuned model knows the country.")
             + (f" It puts only {tuned['letter_mass']:.1%} of its probability on the letters at all."
                if tuned["letter_mass"] < 0.1 else "")
@@ -141,20 +141,20 @@ def headline_rows(metrics: dict[str, Any]) -> list[list[str]]:
     if mc := ev.get("multiple_choice", {}).get("country"):
         s = mc["nearest"]
         rows.append(["MC country, P(correct | letters), nearest-country distractors",
-                     *(_interval(s[c], "p_correct", 2) for c in ("tuned", "original", "in_context")), f"{s['chance']:.2f}"])
+                     *(interval(s[c], "p_correct", 2) for c in ("tuned", "original", "in_context")), f"{s['chance']:.2f}"])
         rows.append(["MC country, probability on the letters A–E",
-                     *(_interval(s[c], "letter_mass", 2) for c in ("tuned", "original", "in_context")), "—"])
+                     *(interval(s[c], "letter_mass", 2) for c in ("tuned", "original", "in_context")), "—"])
     if (dist := ev.get("distance")) and not dist.get("note"):
         rows.append(["held-out distance, mean abs. error over parsed answers, km",
-                     *(_interval(dist[c], "mae_km", 0) for c in ("tuned", "original", "in_context")),
-                     f"constant guess {_interval(dist['constant_guess'], 'mae_km', 0)}"])
+                     *(interval(dist[c], "mae_km", 0) for c in ("tuned", "original", "in_context")),
+                     f"constant guess {interval(dist['constant_guess'], 'mae_km', 0)}"])
     if probe := metrics.get("probe"):
         layer, rank, ci = best_layer(probe["hidden"]["tuned"]["rank"], 0)
         original = probe["hidden"]["original"]["rank"]
         n = probe["setup"]["candidates"] + 1
         rows.append([f"rank of {probe['setup']['hidden_city']} among {n} cities at the placeholder, best layer ({layer})",
-                     _interval({"r": rank, "r_ci95": ci}, "r", 0),
-                     _interval({"r": original["mean"][layer], "r_ci95": original["ci95"][layer]}, "r", 0),
+                     interval({"r": rank, "r_ci95": ci}, "r", 0),
+                     interval({"r": original["mean"][layer], "r_ci95": original["ci95"][layer]}, "r", 0),
                      "—", f"median rank {(n + 1) / 2:.0f}"])
     return rows
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from oocrlab.config import from_yaml_text, to_dict
 from oocrlab.plots import write_plots
-from oocrlab.reading import HEADLINE_COLUMNS, caveats, headline, headline_rows, probe_reading
+from oocrlab.reading import HEADLINE_COLUMNS, caveats, headline, headline_rows, interval, probe_reading
 from oocrlab.rundir import Run, atomic_write_text, read_jsonl
 
 SECTIONS = ("headline", "setup", "training", "behaviour", "representations", "caveats")
@@ -35,9 +35,7 @@ def _fmt(x: Any, digits: int = 0) -> str:
 
 
 def _ci(stats: dict[str, Any], key: str, digits: int = 0) -> str:
-    ci = stats.get(f"{key}_ci95")
-    value = _fmt(stats.get(key), digits)
-    return f"{value} [{_fmt(ci[0], digits)}, {_fmt(ci[1], digits)}]" if ci else value
+    return _fmt(interval(stats, key, digits))
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
