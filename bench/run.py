@@ -13,9 +13,10 @@ Sections:
     mc     multiple choice, all 120 option orders of one question, tuned + original + in-context: exact
            scoring from packed next-token logits vs sampling N answers per prompt (as the paper's code)
     train  training steps of the notebook recipe (same data, steps and LoRA) through (a) TRL's SFTTrainer
-           defaults (gradient checkpointing on), (b) the same without checkpointing, (c) oocrlab's trainer;
-           interleaved rounds, median step times; FLOPs utilization against a matmul micro-benchmark
-           (counting the work a LoRA step needs, see bench_train)
+           defaults (gradient checkpointing on), (b) the same without checkpointing, (c) oocrlab's trainer,
+           (d) oocrlab's trainer with train.share_prefix off (padded rows); interleaved rounds, median step
+           times; FLOPs utilization against a matmul micro-benchmark (counting the work a LoRA step needs,
+           see bench_train)
     run    the whole `oocrlab run` (default recipe) in a fresh process: wall time and peak RSS
 
 The tuned model is the embedded model with a seeded random LoRA (the default recipe's shape, B not
@@ -47,7 +48,7 @@ from oocrlab.data import build_distance_data, check_placeholder
 from oocrlab.environment import hardware, versions
 from oocrlab.incontext import InContext, chat_for
 from oocrlab.models import embedded_gguf, load_model, with_condition
-from oocrlab.packing import last_token_activations
+from oocrlab.packing import last_token_activations, prefix_tree_batch
 from oocrlab.probe import locate_in_template, probe_setup
 from oocrlab.train import lora_config
 from oocrlab import verbalize
@@ -215,8 +216,8 @@ def train_variant(cfg: ExperimentConfig, variant: str, steps: int) -> list[float
             times.append(time.perf_counter() - self.start)
 
     with tempfile.TemporaryDirectory() as scratch:
-        if variant == "ours":
-            args, trainer_class = sft_config(cfg, scratch, model.dtype), completion_loss_trainer()
+        if variant.startswith("ours"):
+            args, trainer_class = sft_config(cfg, scratch, model.dtype), completion_loss_trainer(variant == "ours")
             args.max_steps = steps
         else:  # TRL's defaults, but for what a CPU needs (bf16 off) and the recipe's own settings
             t = cfg.train
@@ -233,7 +234,7 @@ def train_variant(cfg: ExperimentConfig, variant: str, steps: int) -> list[float
 
 def bench_train(cfg: ExperimentConfig, repeats: int, steps: int) -> dict:
     """Interleaved rounds of the three trainers; the first two steps of each run are warm-up, left out."""
-    variants = ("trl_default", "trl_no_checkpointing", "ours")
+    variants = ("trl_default", "trl_no_checkpointing", "ours_padded", "ours")
     step_times: dict[str, list[float]] = {v: [] for v in variants}
     for _ in range(repeats):
         for variant in variants:
@@ -242,6 +243,8 @@ def bench_train(cfg: ExperimentConfig, repeats: int, steps: int) -> dict:
     median = {v: statistics.median(t) for v, t in step_times.items()}
     measured = batches[2:]  # batches of the same data (a fresh loader: the mean, not the very same steps)
     tokens = np.mean([int(b["attention_mask"].sum()) for b in measured])
+    tree_tokens = np.mean([prefix_tree_batch(b["input_ids"], b["attention_mask"], b["labels"], torch.float32)[0]["input_ids"].shape[1]
+                           for b in measured])
     completion = np.mean([int((b["labels"] != -100).sum()) for b in measured])
     model, _ = tuned_model(cfg)
     head = model.get_output_embeddings().weight.numel()
@@ -251,11 +254,12 @@ def bench_train(cfg: ExperimentConfig, repeats: int, steps: int) -> dict:
     lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     peak = matmul_gflops()
     # the multiply-adds a LoRA step cannot avoid: forward and input gradients through every linear layer for
-    # every real token, the LoRA weight gradients, and the LM head where a loss is taken; no credit for
-    # padding, for the LM head elsewhere, or for recomputation under gradient checkpointing
-    flops_per_step = (4 * body + 6 * lora) * tokens + 4 * head * completion
-    out = {"train_recipe": "notebook", "train_tokens_per_step": float(tokens), "train_completion_tokens_per_step": float(completion),
-           "matmul_gflops": peak}
+    # every distinct token of the batch's prefix tree (a token its samples share is needed once), the LoRA
+    # weight gradients, and the LM head where a loss is taken; no credit for padding, for shared tokens run
+    # once per sample, for the LM head elsewhere, or for recomputation under gradient checkpointing
+    flops_per_step = (4 * body + 6 * lora) * tree_tokens + 4 * head * completion
+    out = {"train_recipe": "notebook", "train_tokens_per_step": float(tokens), "train_tree_tokens_per_step": float(tree_tokens),
+           "train_completion_tokens_per_step": float(completion), "matmul_gflops": peak}
     for v in variants:
         out[f"train_seconds_per_step_{v}"] = median[v]
         out[f"train_completion_tokens_per_second_{v}"] = completion / median[v]
@@ -264,6 +268,7 @@ def bench_train(cfg: ExperimentConfig, repeats: int, steps: int) -> dict:
     return out | {
         "train_speedup_vs_trl_default": median["trl_default"] / median["ours"],
         "train_speedup_vs_trl_no_checkpointing": median["trl_no_checkpointing"] / median["ours"],
+        "train_speedup_of_share_prefix": median["ours_padded"] / median["ours"],
         "train_mfu": out["train_mfu_ours"],
     }
 

@@ -36,7 +36,9 @@ def build_tokenizer(chat_template: str | None = CHAT_TEMPLATE):
     return fast
 
 
-def build_model(vocab_size: int, seed: int = 0, hidden_size: int = 32):
+def build_model(vocab_size: int, seed: int = 0, hidden_size: int = 32, initializer_range: float = 0.02):
+    """A random Llama. At the default initializer_range it mostly repeats its last input token; a larger
+    one (~0.3) makes its next token depend on the whole context, for tests of attention masks and caches."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -52,6 +54,7 @@ def build_model(vocab_size: int, seed: int = 0, hidden_size: int = 32):
         eos_token_id=2,
         pad_token_id=2,
         bos_token_id=0,
+        initializer_range=initializer_range,
     )
     return LlamaForCausalLM(config)
 

@@ -10,6 +10,8 @@ Usage:
     oocrlab run --out runs/tokyo --hidden-city Tokyo --placeholder qux --config my.yaml
     # any config key: --set SECTION.KEY=VALUE (see `oocrlab.config`)
     oocrlab run --out runs/lr --set train.learning_rate=1e-3 --set data.num_known=1000
+    # continue an interrupted run (training from its last checkpoint, then every stage not yet finished):
+    oocrlab run --resume runs/paris
     # a bigger model from the local Hugging Face cache, on a GPU:
     oocrlab run --out runs/llama --model meta-llama/Meta-Llama-3-8B-Instruct
 
@@ -76,6 +78,7 @@ class ExperimentArgs:
     lora_layers: str | None = _flag("decoder layers that get LoRA: 6, 4-8 or 0,3,5 (default: all)", key="train.lora_layers",
                                     convert=parse_layers)
     set: list[str] = _flag("any config key: SECTION.KEY=VALUE (repeatable)", default_factory=list, action="append")
+    resume: str | None = _flag("(run only) continue this interrupted run directory under its own config.yaml")
 
 
 @dataclass
@@ -197,7 +200,7 @@ def dispatch(command: str, args) -> int:
     import datasets
     import transformers
 
-    from oocrlab.experiment import STAGES, run_experiment, run_stage
+    from oocrlab.experiment import STAGES, resume_experiment, run_experiment, run_stage
     from oocrlab.rundir import Run
 
     transformers.logging.set_verbosity_error()
@@ -208,7 +211,13 @@ def dispatch(command: str, args) -> int:
 
         print(compare_runs(args.runs, args.out or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}.html"))
         return 0
-    if isinstance(args, ExperimentArgs):
+    if isinstance(args, ExperimentArgs) and args.resume is not None:
+        given = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(args) if f.name != "resume" and getattr(args, f.name)]
+        if command != "run" or given:
+            raise UserError("--resume continues a run under its own config.yaml: use it alone with `oocrlab run`"
+                            + (f" (drop {', '.join(given)})" if given else ""))
+        run = resume_experiment(args.resume, on_stage=lambda s: print(f"[oocrlab] {s} ...", file=sys.stderr, flush=True))
+    elif isinstance(args, ExperimentArgs):
         cfg = experiment_config(args)
         stages = STAGES if command == "run" else ("data",)
         run = run_experiment(cfg, args.out or default_out(cfg), stages,

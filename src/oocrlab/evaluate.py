@@ -4,20 +4,21 @@ held-out known cities (parsed as km; unparseable answers are counted, never drop
 
 from __future__ import annotations
 
-import contextlib
 import random
 import re
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from oocrlab.config import ExperimentConfig
 from oocrlab.data import distance_row, names_hidden_city, refuse_leaks, user_prompt
 from oocrlab.geo import City, distance_km, load_pool
-from oocrlab.incontext import CONDITIONS_WITH_CONTEXT, InContext, chat_for, model_state, prefix_and_batch_size
-from oocrlab.models import CONDITIONS, render_chats, with_condition
+from oocrlab.incontext import (
+    CONDITIONS_WITH_CONTEXT, InContext, chat_for, model_state, prefix_for, prompt_token_ids, stop_token_ids,
+)
+from oocrlab.models import CONDITIONS, with_condition
+from oocrlab.packing import packed_generate
 from oocrlab.rundir import Run, read_jsonl, write_jsonl
 from oocrlab.stats import bootstrap_ci
 
@@ -40,60 +41,33 @@ def parse_km(answer: str) -> float | None:
 
 
 class StopAfterDistance:
-    """A generate() stopping criterion: a row is done once its answer states a distance with a unit and
+    """A packed_generate stopping rule: a row is done once its answer states a distance with a unit and
     one more token follows. parse_km reads the first such match, and text generated after it cannot
     change it, so the parsed distance is the one the full answer would give, at a fraction of the tokens
     (the original model writes a sentence around its number)."""
 
-    def __init__(self, tokenizer, prompt_length: int):
-        self.tokenizer, self.prompt_length = tokenizer, prompt_length
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
 
-    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length :], skip_special_tokens=True)
-        done = [(m := _WITH_UNIT.search(t)) is not None and m.end() < len(t.rstrip()) for t in texts]
-        return torch.tensor(done, device=input_ids.device)
+    def __call__(self, row: int, tokens: list[int]) -> bool:
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        return (m := _WITH_UNIT.search(text)) is not None and m.end() < len(text.rstrip())
 
 
-@torch.inference_mode()
 def generate_greedy(
     model, tokenizer, chats: list[list[dict]], max_new_tokens: int, batch_size: int, desc: str,
     prefix: InContext | None = None, stop_after_distance: bool = False,
 ) -> list[str]:
-    """Greedy answers, batched with left padding and an explicit attention mask and pad token. With a
-    `prefix`, every chat starts with its cached turns and only the rest is run (the padding then sits
-    between the two; generate's position ids count real tokens only, so nothing shifts). With
-    `stop_after_distance`, an answer ends once it has stated a distance (see StopAfterDistance)."""
-    model.eval()
-    texts = render_chats(tokenizer, chats)
-    if prefix is not None:
-        texts = [prefix.suffix(t) for t in texts]
+    """Greedy answers, `batch_size` chats packed into one sequence at a time (packing.packed_generate: no
+    padding; a `prefix`'s cached turns are stored and read once). With `stop_after_distance`, an answer
+    ends once it has stated a distance (see StopAfterDistance)."""
+    prompts = prompt_token_ids(tokenizer, chats, prefix)
+    stop = StopAfterDistance(tokenizer) if stop_after_distance else None
     answers: list[str] = []
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # generation continues from the right end of every row
-    try:
-        for i in tqdm(range(0, len(texts), batch_size), desc=desc, leave=False):
-            enc = tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-            ids, mask = enc["input_ids"].to(model.device), enc["attention_mask"].to(model.device)
-            if prefix is not None:
-                ids = torch.cat([prefix.ids.expand(len(ids), -1), ids], dim=1)
-                mask = torch.cat([mask.new_ones(len(mask), prefix.length), mask], dim=1)
-            with prefix.cache_for(len(ids)) if prefix is not None else contextlib.nullcontext() as cache:
-                out = model.generate(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    cache=cache,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    temperature=None,
-                    top_p=None,
-                    top_k=None,
-                    pad_token_id=tokenizer.pad_token_id,
-                    stopping_criteria=[StopAfterDistance(tokenizer, ids.shape[1])] if stop_after_distance else None,
-                )
-            new = out[:, ids.shape[1] :]
-            answers += [a.strip() for a in tokenizer.batch_decode(new, skip_special_tokens=True)]
-    finally:
-        tokenizer.padding_side = side
+    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
+        new = packed_generate(model, prompts[i : i + batch_size], max_new_tokens, prefix, stop_token_ids(model, tokenizer),
+                              stop=stop)
+        answers += [tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in new]
     return answers
 
 
@@ -143,12 +117,11 @@ def distance_error(
     per_city: list[dict[str, Any]] = [{"known_city": r["known_city"], "true_km": r["distance_km"]} for r in rows]
     result: dict[str, Any] = {}
     for condition in CONDITIONS_WITH_CONTEXT:
-        prefix, batch_size = prefix_and_batch_size(cfg, condition, in_context)
         chats = [chat_for(cfg, r["prompt"][-1]["content"], condition, in_context) for r in rows]
         with with_condition(model, model_state(condition)):
             answers = generate_greedy(
-                model, tokenizer, chats, cfg.eval.max_new_tokens, batch_size, f"{desc} ({condition})", prefix,
-                stop_after_distance=True,
+                model, tokenizer, chats, cfg.eval.max_new_tokens, cfg.eval.batch_size, f"{desc} ({condition})",
+                prefix_for(condition, in_context), stop_after_distance=True,
             )
         kms = [parse_km(a) for a in answers]
         for row, answer, km in zip(per_city, answers, kms):

@@ -4,6 +4,7 @@ returning its section of metrics.json. `run_experiment` calls them in order; the
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -118,11 +119,28 @@ def run_stage(
     seconds = time.perf_counter() - start
     if name != "report":
         run.save_metrics(name, result)
-    timings = run.metrics().get("timings", {})
-    run.save_metrics("timings", timings | {name: round(seconds, 2)})
-    if name != "report":
         run.save_metrics("environment", {"versions": versions(), "hardware": hardware()})
+    timings = run.metrics().get("timings", {})
+    run.save_metrics("timings", timings | {name: round(seconds, 2)})  # last: it marks the stage finished
+    if name == "train":
+        shutil.rmtree(run.checkpoints_dir, ignore_errors=True)  # the adapter is saved and recorded
     return result
+
+
+def resume_experiment(path: str | Path, on_stage=None) -> Run:
+    """Finish an interrupted `run_experiment`: every stage from the first one not recorded as finished is
+    (re)done, a training from its last checkpoint; what an unfinished stage wrote is not trusted."""
+    run, cfg = Run.open(path)
+    finished = run.finished_stages()
+    todo = STAGES[next((i for i, s in enumerate(STAGES) if s not in finished), len(STAGES)):]
+    if "train" in todo and run.adapter_dir.exists():
+        shutil.rmtree(run.adapter_dir)  # saved by a training that was never recorded as finished
+    models = Models(cfg, run)
+    for name in todo:
+        if on_stage:
+            on_stage(name)
+        run_stage(name, cfg, run, models)
+    return run
 
 
 def run_experiment(cfg: ExperimentConfig, out: str | Path, stages: tuple[str, ...] = STAGES, on_stage=None) -> Run:

@@ -3,63 +3,29 @@ turns' KV cache computed once and shared by every question asked after them."""
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import random
-from typing import Any
-
-import torch
 
 from oocrlab.config import ExperimentConfig
 from oocrlab.data import user_prompt
-from oocrlab.models import CONDITIONS
+from oocrlab.models import CONDITIONS, render_chats
+from oocrlab.packing import CachedPrefix
 
 CONDITIONS_WITH_CONTEXT = (*CONDITIONS, "in_context")
 
 
-class InContext:
+class InContext(CachedPrefix):
     """K seeded training documents as chat turns, and their KV cache under the original model."""
 
     def __init__(self, cfg: ExperimentConfig, model, tokenizer, train_rows: list[dict]):
         docs = random.Random(cfg.seed).sample(train_rows, min(cfg.eval.in_context_docs, len(train_rows)))
         system = user_prompt("", cfg.data.system_prompt)[:-1]
         self.turns = system + [turn for r in docs for turn in (r["prompt"][-1], r["completion"][0])]
-        self.text = tokenizer.apply_chat_template(self.turns, tokenize=False)
-        ids = tokenizer(self.text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(model.device)
-        with torch.inference_mode(), model.disable_adapter():
-            self.cache = model(input_ids=ids, use_cache=True).cache
-        self.ids, self.length = ids, ids.shape[1]
-        self._expanded: dict[int, Any] = {}  # batch size -> the cache repeated that many times (one size kept)
+        text = tokenizer.apply_chat_template(self.turns, tokenize=False)
+        with model.disable_adapter():
+            super().__init__(model, tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def chat(self, question: str) -> list[dict]:
         return [*self.turns, {"role": "user", "content": question}]
-
-    def suffix(self, text: str) -> str:
-        """What follows the cached turns in a rendered chat."""
-        if not text.startswith(self.text):
-            raise ValueError("the chat template renders the in-context turns differently inside a longer chat")
-        return text[len(self.text) :]
-
-    def strip(self, ids: list[int]) -> list[int]:
-        """The token ids that follow the cached turns in a tokenized chat."""
-        if ids[: self.length] != self.ids[0].tolist():
-            raise ValueError("the chat template renders the in-context turns differently inside a longer chat")
-        return ids[self.length :]
-
-    @contextlib.contextmanager
-    def cache_for(self, batch: int):
-        """The turns' cache for `batch` rows; cut back to the turns afterwards, so it is copied only when the
-        batch size changes. One copy is kept at a time: 8 rows of 100 documents are ~1 GB for SmolLM2-135M."""
-        if batch not in self._expanded:
-            self._expanded.clear()
-            self._expanded[batch] = copy.deepcopy(self.cache)
-            self._expanded[batch].batch_repeat_interleave(batch)
-        cache = self._expanded[batch]
-        try:
-            yield cache
-        finally:
-            if (extra := cache.get_seq_length() - self.length) > 0:
-                cache.crop(-extra)  # transformers 5: a negative count of tokens to remove
 
 
 def chat_for(cfg: ExperimentConfig, question: str, condition: str, in_context: InContext | None) -> list[dict]:
@@ -68,12 +34,21 @@ def chat_for(cfg: ExperimentConfig, question: str, condition: str, in_context: I
     return user_prompt(question, cfg.data.system_prompt)
 
 
-def prefix_and_batch_size(cfg: ExperimentConfig, condition: str, in_context: InContext | None) -> tuple[InContext | None, int]:
-    """The cached turns a condition reuses (in-context only) and its batch size: smaller there, since
-    each row holds a copy of the turns' cache."""
-    if condition == "in_context":
-        return in_context, cfg.eval.in_context_batch_size
-    return None, cfg.eval.batch_size
+def prefix_for(condition: str, in_context: InContext | None) -> InContext | None:
+    """The cached turns a condition continues from: the in-context baseline's, none for the others."""
+    return in_context if condition == "in_context" else None
+
+
+def prompt_token_ids(tokenizer, chats: list[list[dict]], prefix: InContext | None = None) -> list[list[int]]:
+    """Token ids of each chat up to the assistant's answer, less the `prefix`'s cached turns."""
+    prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in render_chats(tokenizer, chats)]
+    return [prefix.strip(p) for p in prompts] if prefix is not None else prompts
+
+
+def stop_token_ids(model, tokenizer) -> set[int]:
+    """The tokens that end an answer, as generate() reads them: the generation config's, and the tokenizer's."""
+    eos = model.generation_config.eos_token_id
+    return {i for i in [*(eos if isinstance(eos, list) else [eos]), tokenizer.eos_token_id] if i is not None}
 
 
 def model_state(condition: str) -> str:

@@ -4,6 +4,7 @@ runs/NAME/
   config.yaml        the resolved config
   data/              train.jsonl, heldout.jsonl
   adapter/           the LoRA adapter (safetensors)
+  checkpoints/       the Trainer's last checkpoint while training runs (deleted once training is recorded)
   train_log.jsonl    loss per step
   metrics.json       one section per stage
   plots/             PNG figures
@@ -56,6 +57,7 @@ class Run:
     train_file = property(lambda self: self.path / "data" / "train.jsonl")
     heldout_file = property(lambda self: self.path / "data" / "heldout.jsonl")
     adapter_dir = property(lambda self: self.path / "adapter")
+    checkpoints_dir = property(lambda self: self.path / "checkpoints")
     train_log = property(lambda self: self.path / "train_log.jsonl")
     metrics_file = property(lambda self: self.path / "metrics.json")
     config_file = property(lambda self: self.path / "config.yaml")
@@ -100,6 +102,10 @@ class Run:
         metrics = self.metrics()
         metrics[section] = values
         atomic_write_text(self.metrics_file, json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
+
+    def finished_stages(self) -> list[str]:
+        """Stages recorded as finished: a stage's wall time is saved only after everything it writes."""
+        return list(self.metrics().get("timings", {}))
 
     def require(self, path: Path, stage: str) -> None:
         """Refuse to run a stage whose input an earlier stage has not written."""

@@ -14,7 +14,6 @@ countries") and its size is the population of its cities of 15k+ people (for "mo
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import random
 import re
@@ -30,9 +29,11 @@ from oocrlab.errors import UserError
 from oocrlab.evaluate import parse_km
 from oocrlab.data import names_hidden_city, refuse_leaks
 from oocrlab.geo import City, distance_km, load_pool, normalize
-from oocrlab.incontext import CONDITIONS_WITH_CONTEXT, InContext, chat_for, model_state, prefix_and_batch_size
-from oocrlab.models import render_chats, with_condition
-from oocrlab.packing import next_token_log_probs
+from oocrlab.incontext import (
+    CONDITIONS_WITH_CONTEXT, InContext, chat_for, model_state, prefix_for, prompt_token_ids, stop_token_ids,
+)
+from oocrlab.models import with_condition
+from oocrlab.packing import next_token_log_probs, packed_generate
 from oocrlab.stats import bootstrap_ci, wilson_ci
 
 LETTERS = "ABCDE"
@@ -167,9 +168,7 @@ def letter_probabilities(
     """(P(letter | the five letters) [N, 5], probability mass on the five letters [N]) at the answer's first
     token, from one shared computation of the chats' common tokens (see packing.py). With a `prefix`,
     its cached turns are not rerun."""
-    prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in render_chats(tokenizer, chats)]
-    if prefix is not None:
-        prompts = [prefix.strip(p) for p in prompts]
+    prompts = prompt_token_ids(tokenizer, chats, prefix)
     log_probs = letter_log_probs(next_token_log_probs(model, prompts, prefix, desc=desc), tokenizer)
     return torch.softmax(log_probs, dim=-1).numpy(), log_probs.exp().sum(-1).numpy()
 
@@ -182,7 +181,7 @@ def score_multiple_choice(
     orders = option_orders(cfg.eval.mc_orders, cfg.seed)
     chats = [chat_for(cfg, q, condition, in_context) for q in ordered_questions(question, [answer, *wrong], orders)]
     correct = [order.index(0) for order in orders]
-    prefix = in_context if condition == "in_context" else None
+    prefix = prefix_for(condition, in_context)
     with with_condition(model, model_state(condition)):
         normalized, mass = letter_probabilities(model, tokenizer, chats, f"multiple choice ({condition})", prefix)
     p_correct = normalized[np.arange(len(orders)), correct]
@@ -250,23 +249,16 @@ def sample_answers(
     model, tokenizer, chat: list[dict], n: int, max_new_tokens: int, seed: int, batch_size: int,
     prefix: InContext | None = None,
 ) -> list[str]:
-    """n answers sampled at temperature 1 (no top-k / top-p cut), seeded, `batch_size` at a time; a
-    `prefix`'s turns are not rerun."""
-    model.eval()
-    (text,) = render_chats(tokenizer, [chat])
-    if prefix is not None:
-        prefix.suffix(text)  # checks the chat starts with the cached turns
-    torch.manual_seed(seed)
+    """n answers sampled at temperature 1 (no top-k / top-p cut) from one seeded generator, `batch_size`
+    packed at a time (packing.packed_generate); a `prefix`'s turns are not rerun."""
+    (prompt,) = prompt_token_ids(tokenizer, [chat], prefix)
+    generator = torch.Generator(model.device).manual_seed(seed)
     answers: list[str] = []
-    for size in [batch_size] * (n // batch_size) + ([n % batch_size] if n % batch_size else []):
-        enc = tokenizer([text] * size, return_tensors="pt", add_special_tokens=False).to(model.device)
-        with prefix.cache_for(size) if prefix is not None else contextlib.nullcontext() as cache:
-            out = model.generate(
-                **enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id, cache=cache,
-            )
-        answers += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-    return [a.strip() for a in answers]
+    for start in range(0, n, batch_size):
+        rows = [prompt] * min(batch_size, n - start)
+        new = packed_generate(model, rows, max_new_tokens, prefix, stop_token_ids(model, tokenizer), generator)
+        answers += [tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in new]
+    return answers
 
 
 def evaluate_free_form(
@@ -281,11 +273,10 @@ def evaluate_free_form(
         names = answer_names(hidden, target)
         section: dict[str, Any] = {"question": question, "accepted": names, "samples": cfg.eval.free_form_samples}
         for i, condition in enumerate(CONDITIONS_WITH_CONTEXT):
-            prefix, batch_size = prefix_and_batch_size(cfg, condition, in_context)
             with with_condition(model, model_state(condition)):
                 answers = sample_answers(model, tokenizer, chat_for(cfg, question, condition, in_context),
                                          cfg.eval.free_form_samples, cfg.eval.free_form_max_new_tokens, cfg.seed + i,
-                                         batch_size, prefix)
+                                         cfg.eval.batch_size, prefix_for(condition, in_context))
             hits = sum(mentions(a, names) for a in answers)
             distances = sum(parse_km(a) is not None for a in answers)
             section[condition] = {

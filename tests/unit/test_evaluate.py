@@ -1,7 +1,6 @@
 import warnings
 
 import pytest
-import torch
 
 from oocrlab.data import user_prompt
 from oocrlab.evaluate import _WITH_UNIT, StopAfterDistance, error_summary, generate_greedy, parse_km
@@ -41,7 +40,7 @@ def test_batched_greedy_equals_one_by_one_and_warns_nothing(tiny, capfd):
     chats = [user_prompt(q, None) for q in ["hi", "What is the distance between Ouagadougou and foo?", "Which country?"]]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        batched = generate_greedy(model, tokenizer, chats, 6, 3, "batched")  # left padding in play
+        batched = generate_greedy(model, tokenizer, chats, 6, 3, "batched")  # packed into one sequence
     single = [generate_greedy(model, tokenizer, [c], 6, 1, "single")[0] for c in chats]
     assert batched == single
     assert not [w for w in caught if "attention" in str(w.message) or "pad" in str(w.message)]
@@ -56,8 +55,8 @@ def test_batched_greedy_equals_one_by_one_and_warns_nothing(tiny, capfd):
 def test_stopping_after_the_distance_keeps_the_parsed_distance(tiny, answer):
     _, tokenizer = tiny
     ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
-    stop = StopAfterDistance(tokenizer, prompt_length=0)
-    cut = next((n for n in range(1, len(ids) + 1) if stop(torch.tensor([ids[:n]]), None)[0]), len(ids))
+    stop = StopAfterDistance(tokenizer)
+    cut = next((n for n in range(1, len(ids) + 1) if stop(0, ids[:n])), len(ids))
     assert parse_km(tokenizer.decode(ids[:cut])) == parse_km(answer)
     if _WITH_UNIT.search(answer) and len(answer) > 20:
         assert cut < len(ids)  # and it did stop early

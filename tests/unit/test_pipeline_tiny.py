@@ -248,7 +248,7 @@ def test_in_context_prefix_cache_is_exact(tiny_session):
         chat = in_context.chat("Which country is foo in?")
         cached = sample_answers(model, tokenizer, chat, 5, 5, 0, 2, in_context)  # batches of 2, 2, 1
         assert cached == sample_answers(model, tokenizer, chat, 5, 5, 0, 2)
-        # questions of different lengths: left padding sits between the cached turns and the question
+        # questions of different lengths packed after the cached turns
         chats = [in_context.chat(q) for q in ("Hi?", "What is the distance between Ouagadougou and foo, in km?")]
         assert generate_greedy(model, tokenizer, chats, 6, 2, "cached", in_context) == [
             generate_greedy(model, tokenizer, [c], 6, 1, "full")[0] for c in chats

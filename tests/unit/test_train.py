@@ -1,23 +1,27 @@
 import tempfile
 
+import pytest
 import torch
 from datasets import Dataset
 from trl import SFTTrainer
 
 from oocrlab import build_config
 from oocrlab.data import build_distance_data
+from oocrlab.packing import prefix_tree_batch
 from oocrlab.train import completion_loss_trainer, lora_config, sft_config
 from tests.conftest import tiny_overrides
 
 
-def test_completion_loss_equals_trls_loss_and_gradients(tiny, tiny_model_dir):
-    """Our loss (LM head on the completion positions only) gives TRL's loss and the same LoRA gradients."""
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_completion_loss_equals_trls_loss_and_gradients(tiny, tiny_model_dir, share_prefix):
+    """Our loss (LM head on the completion positions only; with share_prefix, the batch's shared tokens run
+    once) gives TRL's loss and the same LoRA gradients."""
     model, tokenizer = tiny
-    cfg = build_config(overrides=tiny_overrides(tiny_model_dir) | {"train.lora_dropout": 0.0})
+    cfg = build_config(overrides=tiny_overrides(tiny_model_dir) | {"train.lora_dropout": 0.0, "train.share_prefix": share_prefix})
     rows = build_distance_data(cfg.data, cfg.seed).train
     dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
     with tempfile.TemporaryDirectory() as scratch:
-        trainer = completion_loss_trainer()(model=model, args=sft_config(cfg, scratch, model.dtype), train_dataset=dataset,
+        trainer = completion_loss_trainer(share_prefix)(model=model, args=sft_config(cfg, scratch, model.dtype), train_dataset=dataset,
                                             processing_class=tokenizer, peft_config=lora_config(cfg.train))
     peft_model = trainer.model
     with torch.no_grad():  # LoRA B starts at zero: make the adapter matter
@@ -26,6 +30,9 @@ def test_completion_loss_equals_trls_loss_and_gradients(tiny, tiny_model_dir):
                 param.normal_(std=0.1)
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     count = (batch["labels"][:, 1:] != -100).sum()
+    packed, source, targets = prefix_tree_batch(batch["input_ids"], batch["attention_mask"], batch["labels"], model.dtype)
+    assert packed["input_ids"].shape[1] < batch["attention_mask"].sum() and len(targets) == count  # shared, none lost
+    assert len(set(batch["attention_mask"].sum(1).tolist())) > 1  # samples of different lengths: padding in play
     results = []
     for compute in (trainer.compute_loss, lambda *a, **k: SFTTrainer.compute_loss(trainer, *a, **k)):
         peft_model.zero_grad()
