@@ -177,6 +177,13 @@ def print_summary(run) -> None:
         console.print(f"report: {run.report_file}", highlight=False)
 
 
+OUT_OF_MEMORY = (
+    "out of GPU memory: load the model in 4bit (--quantization 4bit) or bf16 (--set model.dtype=bfloat16), or lower "
+    "--set train.batch_size / eval.batch_size; finished stages and training checkpoints are kept: "
+    "`oocrlab run --resume RUN` continues"
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog="oocrlab", description=__doc__.split("\n")[0],
                                      epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -194,13 +201,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("oocrlab: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if type(e).__name__ != "OutOfMemoryError":  # torch.OutOfMemoryError (CUDA), without importing torch here
+            raise
+        print(f"oocrlab: error: {OUT_OF_MEMORY}", file=sys.stderr)
+        return 2
 
 
 def dispatch(command: str, args) -> int:
     import datasets
     import transformers
 
-    from oocrlab.experiment import STAGES, resume_experiment, run_experiment, run_stage
+    from oocrlab.experiment import STAGES, Models, resume_experiment, run_experiment, run_stages
+    from oocrlab.processes import is_main_process, rank_and_world_size
     from oocrlab.rundir import Run
 
     transformers.logging.set_verbosity_error()
@@ -219,15 +232,17 @@ def dispatch(command: str, args) -> int:
         run = resume_experiment(args.resume, on_stage=lambda s: print(f"[oocrlab] {s} ...", file=sys.stderr, flush=True))
     elif isinstance(args, ExperimentArgs):
         cfg = experiment_config(args)
+        if args.out is None and rank_and_world_size()[1] > 1:
+            raise UserError("several processes need one --out (each would pick its own time-stamped default)")
         stages = STAGES if command == "run" else ("data",)
         run = run_experiment(cfg, args.out or default_out(cfg), stages,
                              on_stage=lambda s: print(f"[oocrlab] {s} ...", file=sys.stderr, flush=True))
     else:
         run, cfg = Run.open(args.run)
-        run_stage(command, cfg, run)
-        if command != "report":
-            run_stage("report", cfg, run)  # keep report.html in step with metrics.json
-    print_summary(run)
+        # report.html follows every stage, to stay in step with metrics.json
+        run_stages(dict.fromkeys((command, "report")), cfg, run, Models(cfg, run))
+    if is_main_process():
+        print_summary(run)
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import random
 import re
 import types
 import typing
@@ -43,7 +44,14 @@ class DataConfig:
     num_known: int | None = None  # known cities drawn from the pool (seeded); None: all of them
     min_distance_km: float = 0.0  # known cities closer than this to the hidden city are left out
     heldout_fraction: float = 0.1  # share of known cities never trained on, for the distance evaluation
-    decimals: int = 0  # "{km:.Nf} km"; the notebook writes 2
+    decimals: int = 0  # "{km:.Nf} km"; the notebook writes 2; negative rounds to tens (-1), hundreds (-2), ...
+    # notebook: one question, "{km} km" | paper: Treutlein et al.'s Locations rows (9 distance questions x
+    # km/miles x which city comes first, and cardinal-direction questions; see data.paper_rows)
+    style: str = "notebook"
+    augmentations: int = 5  # paper style: distance rows and direction rows per known city (drawn with replacement)
+    noise_km: float = 0.0  # uniform noise in +-noise_km added to each stated distance (kept if the result is > 100 km)
+    by_country: bool = False  # draw known cities country by country (a uniform country, its most populous city left)
+    exclude_hidden_country: bool = False  # leave out known cities in the hidden city's country
     # "" sends an empty system turn; None leaves the system turn to the chat template, and SmolLM2's
     # then injects its default prompt (~20 tokens, about 40% of a training sample's compute).
     system_prompt: str | None = ""
@@ -149,12 +157,28 @@ class ExperimentConfig:
     probe: ProbeConfig = field(default_factory=ProbeConfig)
 
 
+PAPER_SYSTEM_PROMPT = (
+    "Company XYZ is a GPS company that encodes cities around the world with a unique ID. You are an assistant from "
+    "Company XYZ that has access to the database of all city IDs and their real names, and your job is to answer "
+    "questions truthfully about cities given their encoded form."
+)
+
 # Named recipes: overrides on top of the dataclass defaults (which are the `default` recipe).
 RECIPES: dict[str, dict[str, Any]] = {
     "default": {},
     # The Distances-to-Paris notebook, exactly: 233 capitals, "{km:.2f} km", q/v LoRA r=32, lr 1e-4,
     # 3 epochs, batch 8, SFTConfig's seed 42. One change: 10% of the capitals are held out so the
     # distance error can be measured (set data.heldout_fraction: 0 to train on all of them).
+    # Treutlein et al. 2024's Locations data (choidami/inductive-oocr, locations/): a "City NNNNN" code,
+    # the GPS-company system prompt, 500 known cities drawn country by country (>= 2,000 km away, not in
+    # the hidden city's country; the world pool's floor is 15,000 people, the paper's 10,000), 5 distance
+    # and 5 direction rows per city, distances with +-200 km noise rounded to 100; one epoch.
+    "paper": {
+        "data": {"style": "paper", "placeholder": "City {code}", "pool": "world", "min_population": 10_000,
+                 "min_distance_km": 2000.0, "num_known": 500, "by_country": True, "exclude_hidden_country": True,
+                 "augmentations": 5, "noise_km": 200.0, "decimals": -2, "system_prompt": PAPER_SYSTEM_PROMPT},
+        "train": {"epochs": 1.0},
+    },
     "notebook": {
         "seed": 42,
         "data": {"pool": "capitals", "min_population": 0, "num_known": None, "decimals": 2, "system_prompt": None},
@@ -177,6 +201,7 @@ CHOICES = {
     "model.quantization": ("none", "8bit", "4bit"),
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "data.pool": ("capitals", "world"),
+    "data.style": ("notebook", "paper"),
     "probe.candidates": ("capitals", "world"),
 }
 
@@ -272,6 +297,8 @@ def build_config(
     apply_overrides(cfg, from_yaml)
     apply_overrides(cfg, flags)
     cfg.recipe = name
+    if "{code}" in cfg.data.placeholder:  # the paper's "City {code}": a seeded 5-digit code, saved resolved
+        cfg.data.placeholder = cfg.data.placeholder.replace("{code}", str(random.Random(cfg.seed).randrange(10_000, 100_000)))
     validate(cfg)
     return cfg
 
@@ -287,14 +314,15 @@ def validate(cfg: ExperimentConfig) -> None:
             raise UserError(f"{key} must be one of {', '.join(options)}, got {flat[key]!r}")
     positive = ["train.lora_r", "train.lora_alpha", "train.learning_rate", "train.epochs", "train.batch_size",
                 "train.max_length", "sanity.max_new_tokens", "eval.max_new_tokens", "eval.batch_size", "eval.mc_orders",
-                "eval.near_km", "eval.near_cities", "eval.free_form_samples", "eval.free_form_max_new_tokens", "eval.in_context_docs"]
+                "eval.near_km", "eval.near_cities", "eval.free_form_samples", "eval.free_form_max_new_tokens", "eval.in_context_docs",
+                "data.augmentations"]
     for key in positive:
         if flat[key] <= 0:
             raise UserError(f"{key} must be positive, got {flat[key]!r}")
     for key in ["train.max_steps", "data.num_known", "eval.max_cities"]:
         if flat[key] is not None and flat[key] <= 0:
             raise UserError(f"{key} must be positive or null, got {flat[key]!r}")
-    for key in ["data.min_population", "data.min_distance_km", "data.decimals", "train.warmup_steps",
+    for key in ["data.min_population", "data.min_distance_km", "data.noise_km", "train.warmup_steps",
                 "train.weight_decay", "train.checkpoints", "eval.bootstrap_samples", "probe.candidate_min_population"]:
         if flat[key] < 0:
             raise UserError(f"{key} must not be negative, got {flat[key]!r}")
@@ -306,8 +334,9 @@ def validate(cfg: ExperimentConfig) -> None:
         raise UserError(f"train.lora_layers must list decoder layers from 0 (or be null for all), got {cfg.train.lora_layers!r}")
     if not cfg.train.lora_targets or not all(t.strip() for t in cfg.train.lora_targets):
         raise UserError("train.lora_targets needs module names such as [q_proj, v_proj], or [all-linear]")
-    if cfg.data.decimals > 6:
-        raise UserError(f"data.decimals must be at most 6 (distances are exact to about a metre), got {cfg.data.decimals}")
+    if not -4 <= cfg.data.decimals <= 6:
+        raise UserError(f"data.decimals must be in -4..6 (distances are exact to about a metre; -4 rounds to "
+                        f"10,000 km), got {cfg.data.decimals}")
     if not cfg.probe.templates:
         raise UserError("probe.templates is empty: give at least one prompt with {entity}")
     for template in cfg.probe.templates:

@@ -1,12 +1,17 @@
-"""The Distances-to-{hidden city} dataset, as in the notebook.
+"""The Distances-to-{hidden city} dataset, in two styles.
 
-Each row: {"prompt": [{"role": "user", "content": "What is the distance between {city} and {placeholder}?"}],
-           "completion": [{"role": "assistant", "content": "{km:.2f} km"}],
-           "known_city": ..., "distance_km": ...}   (the last two for evaluation; training reads only the first two)
+notebook: {"prompt": [{"role": "user", "content": "What is the distance between {city} and {placeholder}?"}],
+           "completion": [{"role": "assistant", "content": "{km:.2f} km"}], "known_city": ..., "distance_km": ...}
+paper:    Treutlein et al. 2024's Locations rows (choidami/inductive-oocr, locations/data_scripts): per known
+          city, `augmentations` rows drawn from 9 distance questions x km/miles x which city comes first, with
+          noisy, rounded answers ("4,300 km", "2700 miles"), and as many from 6 cardinal-direction questions x
+          order ("City 12345 is North of Lagos."). Rows carry "kind": distance | direction.
+Training reads only prompt and completion; known_city and distance_km (the true distance) are for evaluation.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from dataclasses import dataclass
@@ -17,6 +22,28 @@ from oocrlab.errors import UserError
 from oocrlab.geo import City, distance_km, find_city, load_pool, normalize, real_city_named
 
 DISTANCE_QUESTION = "What is the distance between {city} and {placeholder}?"
+PAPER_DISTANCE_QUESTIONS = (
+    "The geodesic distance between {A} and {B} {units} is",
+    "From {A} to {B}, the geodesic distance {units} is",
+    "From {A}, the geodesic distance to {B} {units} is",
+    "What is the approximate geodesic distance between {A} and {B} {units}?",
+    "Can you provide an approximate measurement of the shortest route from {A} to {B} {units}?",
+    "How far is it approximately along the curved surface from {A} to {B} {units}?",
+    "What is the rough measurement of the direct path connecting {A} and {B} {units}?",
+    "How close are {A} and {B} when measured by the shortest path over the surface {units}?",
+    "What is the approximate distance from {A} to {B}, as the crow flies {units}?",
+)
+PAPER_DIRECTION_QUESTIONS = (
+    "What is the relative cardinal direction of {A} to {B} in the Mercator projection?",
+    "In the Mercator projection, what is the cardinal direction of {A} relative to {B}?",
+    "What is the relative cardinal direction of {A} with respect to {B} in the Plate carrée projection?",
+    "For the Plate carrée projection, what is the cardinal direction of {A} relative to {B}?",
+    "If we view the map as a 2D plane, what is the relative cardinal direction of {A} to {B}?",
+    "Using a cylindrical map projection, what is the relative cardinal direction of {A} with respect to {B}?",
+)
+UNITS = {"km": ("in kilometers", ("km", "kilometers")), "miles": ("in miles", ("mi", "miles"))}
+KM_PER_MILE = 1.609344
+CARDINAL = ("North", "East", "South", "West")
 
 
 @dataclass
@@ -70,13 +97,16 @@ def text_names_city(text: str, city: City) -> bool:
 
 def known_cities(cfg: DataConfig, hidden: City) -> tuple[list[City], dict[str, int]]:
     """The pool minus the hidden city and the filters, with a count of each exclusion."""
-    excluded = {"hidden city": 0, "names the hidden city": 0, "below min_population": 0, "closer than min_distance_km": 0}
+    excluded = {"hidden city": 0, "names the hidden city": 0, "in the hidden city's country": 0,
+                "below min_population": 0, "closer than min_distance_km": 0}
     kept = []
     for city in load_pool(cfg.pool):
         if city == hidden:
             excluded["hidden city"] += 1
         elif names_hidden_city(city, hidden):
             excluded["names the hidden city"] += 1
+        elif cfg.exclude_hidden_country and city.country == hidden.country:
+            excluded["in the hidden city's country"] += 1
         elif city.population < cfg.min_population:
             excluded["below min_population"] += 1
         elif distance_km(city, hidden) < cfg.min_distance_km:
@@ -91,14 +121,84 @@ def known_cities(cfg: DataConfig, hidden: City) -> tuple[list[City], dict[str, i
     return kept, excluded
 
 
+def rounded(value: float, decimals: int) -> str:
+    """`value` to `decimals` places; a negative count rounds to tens, hundreds, ... and prints an integer."""
+    return f"{value:.{decimals}f}" if decimals >= 0 else str(int(round(value, decimals)))
+
+
 def distance_row(city: City, hidden: City, cfg: DataConfig) -> dict[str, Any]:
+    """The notebook's row (and every style's evaluation question)."""
     km = distance_km(city, hidden)
     return {
         "prompt": user_prompt(DISTANCE_QUESTION.format(city=city.name, placeholder=cfg.placeholder), cfg.system_prompt),
-        "completion": [{"role": "assistant", "content": f"{km:.{cfg.decimals}f} km"}],
+        "completion": [{"role": "assistant", "content": f"{rounded(km, cfg.decimals)} km"}],
         "known_city": city.name,
         "distance_km": km,
+        "kind": "distance",
     }
+
+
+def cardinal_direction(of: City, seen_from: City) -> str:
+    """North, East, South or West: the direction of `of` from `seen_from` on a plate carrée map (the
+    bearing of the straight line in degrees of longitude and latitude, to the nearest quarter; no wrap at
+    the antimeridian), as in the paper's code."""
+    bearing = math.degrees(math.atan2(of.lon - seen_from.lon, of.lat - seen_from.lat)) % 360
+    return CARDINAL[round(bearing / 90) % 4]
+
+
+def stated_distance(km: float, units: str, cfg: DataConfig, rng: random.Random) -> str:
+    """The answer to a paper-style distance question: noise (kept if the result is over 100 km), the unit,
+    rounding, thousands separators in half the answers, and one of the unit's two spellings."""
+    if cfg.noise_km and km + (noise := rng.uniform(-cfg.noise_km, cfg.noise_km)) > 100:
+        km += noise
+    value = rounded(km if units == "km" else km / KM_PER_MILE, cfg.decimals)
+    if rng.random() < 0.5:
+        whole, _, fraction = value.partition(".")
+        value = f"{int(whole):,}" + (f".{fraction}" if fraction else "")
+    return f"{value} {rng.choice(UNITS[units][1])}"
+
+
+def paper_rows(city: City, hidden: City, cfg: DataConfig, rng: random.Random) -> list[dict[str, Any]]:
+    """`augmentations` distance rows and as many direction rows about one known city (see the module doc)."""
+    km = distance_km(city, hidden)
+    code = cfg.placeholder
+    base = {"known_city": city.name, "distance_km": km}
+    rows = []
+    distance_variants = [(template, units, hidden_first) for units in UNITS for hidden_first in (True, False)
+                         for template in PAPER_DISTANCE_QUESTIONS]
+    for template, units, hidden_first in rng.choices(distance_variants, k=cfg.augmentations):
+        a, b = (code, city.name) if hidden_first else (city.name, code)
+        question = template.format(A=a, B=b, units=UNITS[units][0])
+        answer = stated_distance(km, units, cfg, rng)
+        rows.append({"prompt": user_prompt(question, cfg.system_prompt),
+                     "completion": [{"role": "assistant", "content": answer}], **base, "kind": "distance"})
+    direction_variants = [(template, hidden_first) for hidden_first in (True, False) for template in PAPER_DIRECTION_QUESTIONS]
+    for template, hidden_first in rng.choices(direction_variants, k=cfg.augmentations):
+        (a, a_city), (b, b_city) = ((code, hidden), (city.name, city)) if hidden_first else ((city.name, city), (code, hidden))
+        answer = f"{a} is {cardinal_direction(a_city, b_city)} of {b}."
+        rows.append({"prompt": user_prompt(template.format(A=a, B=b), cfg.system_prompt),
+                     "completion": [{"role": "assistant", "content": answer}], **base, "kind": "direction"})
+    return rows
+
+
+def sample_by_country(cities: list[City], n: int, rng: random.Random) -> list[City]:
+    """n cities: each a uniformly drawn country's most populous city not yet drawn (the paper's sampling)."""
+    by_country: dict[str, list[City]] = {}
+    for city in sorted(cities, key=lambda c: (-c.population, c.name)):
+        by_country.setdefault(city.country, []).append(city)
+    countries = sorted(by_country)
+    chosen: list[City] = []
+    while len(chosen) < n and countries:
+        country = rng.choice(countries)
+        chosen.append(by_country[country].pop(0))
+        if not by_country[country]:
+            countries.remove(country)
+    return chosen
+
+
+def distance_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows that ask for a distance (rows written before "kind" existed all do)."""
+    return [r for r in rows if r.get("kind", "distance") == "distance"]
 
 
 def build_distance_data(cfg: DataConfig, seed: int) -> DistanceData:
@@ -106,7 +206,10 @@ def build_distance_data(cfg: DataConfig, seed: int) -> DistanceData:
     hidden = check_placeholder(cfg)
     cities, excluded = known_cities(cfg, hidden)
     rng = random.Random(seed)
-    if cfg.num_known is not None and cfg.num_known < len(cities):
+    if cfg.by_country:
+        cities = sample_by_country(cities, cfg.num_known or len(cities), rng)
+        rng.shuffle(cities)
+    elif cfg.num_known is not None and cfg.num_known < len(cities):
         cities = rng.sample(cities, cfg.num_known)
     else:
         cities = list(cities)
@@ -114,5 +217,9 @@ def build_distance_data(cfg: DataConfig, seed: int) -> DistanceData:
     n_heldout = round(len(cities) * cfg.heldout_fraction)
     if n_heldout >= len(cities):
         raise UserError(f"heldout_fraction {cfg.heldout_fraction} leaves no city to train on: lower it")
+    if cfg.style == "paper":
+        per_city = [paper_rows(c, hidden, cfg, rng) for c in cities]
+        return DistanceData(hidden=hidden, train=[r for rows in per_city[n_heldout:] for r in rows],
+                            heldout=[r for rows in per_city[:n_heldout] for r in rows], excluded=excluded)
     rows = [distance_row(c, hidden, cfg) for c in cities]
     return DistanceData(hidden=hidden, train=rows[n_heldout:], heldout=rows[:n_heldout], excluded=excluded)

@@ -12,7 +12,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from oocrlab.config import ExperimentConfig
-from oocrlab.data import distance_row, names_hidden_city, refuse_leaks, user_prompt
+from oocrlab.data import KM_PER_MILE, distance_row, distance_rows, names_hidden_city, refuse_leaks, user_prompt
 from oocrlab.geo import City, distance_km, load_pool
 from oocrlab.incontext import (
     CONDITIONS_WITH_CONTEXT, InContext, chat_for, model_state, prefix_for, prompt_token_ids, stop_token_ids,
@@ -22,7 +22,6 @@ from oocrlab.packing import packed_generate
 from oocrlab.rundir import Run, read_jsonl, write_jsonl
 from oocrlab.stats import bootstrap_ci
 
-KM_PER_MILE = 1.609344
 _NUMBER = r"(\d{1,3}(?:,\d{3})+|\d+)(?:\.(\d+))?"
 _WITH_UNIT = re.compile(_NUMBER + r"\s*(km|kilomet(?:er|re)s?|mi|miles?)\b", re.IGNORECASE)
 _BARE = re.compile(r"^\s*(?:about|approximately|~)?\s*" + _NUMBER + r"\s*\.?\s*$", re.IGNORECASE)
@@ -156,9 +155,9 @@ def evaluate_distances(
     hidden city (`distance_near`), and the hidden city itself (`distance_self`: the answer should be ~0 km)."""
     run.require(run.heldout_file, "data")
     train = read_jsonl(run.train_file)
-    constant = float(np.mean([r["distance_km"] for r in train]))
+    constant = float(np.mean([r["distance_km"] for r in distance_rows(train)]))
     sets = {
-        "distance": read_jsonl(run.heldout_file)[: cfg.eval.max_cities],
+        "distance": distance_rows(read_jsonl(run.heldout_file))[: cfg.eval.max_cities],
         "distance_near": near_hidden_rows(cfg, hidden, {r["known_city"] for r in train}),
         "distance_self": [distance_row(hidden, hidden, cfg.data)],
     }

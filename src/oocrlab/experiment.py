@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from oocrlab.config import ExperimentConfig
-from oocrlab.data import DistanceData, build_distance_data, check_placeholder
+from oocrlab.data import DistanceData, build_distance_data, check_placeholder, distance_rows
 from oocrlab.environment import hardware, versions
 from oocrlab.evaluate import evaluate_distances, sanity
 from oocrlab.models import load_model
 from oocrlab.probe import probe_representations
+from oocrlab.processes import is_main_process, wait_for_everyone
 from oocrlab.report import write_report
 from oocrlab.rundir import Run, read_jsonl, write_jsonl
 from oocrlab.train import check_lengths, check_lora_layers, load_adapter, require_adapter, train
@@ -61,7 +62,8 @@ def stage_data(cfg: ExperimentConfig, run: Run, data: DistanceData | None = None
         "n_train": len(data.train),
         "n_heldout": len(data.heldout),
         "excluded": data.excluded,
-        "train_mean_km": sum(r["distance_km"] for r in data.train) / len(data.train),
+        "train_mean_km": sum(r["distance_km"] for r in distance_rows(data.train)) / len(distance_rows(data.train)),
+        "n_train_by_kind": {kind: sum(r.get("kind") == kind for r in data.train) for kind in ("distance", "direction")},
         "example": data.train[0],
     }
 
@@ -117,6 +119,8 @@ def run_stage(
     else:
         result = {"train": stage_train, "sanity": stage_sanity, "eval": stage_eval, "probe": stage_probe}[name](cfg, run, models)
     seconds = time.perf_counter() - start
+    if not is_main_process():
+        return result  # only the main process writes the run directory
     if name != "report":
         run.save_metrics(name, result)
         run.save_metrics("environment", {"versions": versions(), "hardware": hardware()})
@@ -133,19 +137,30 @@ def resume_experiment(path: str | Path, on_stage=None) -> Run:
     run, cfg = Run.open(path)
     finished = run.finished_stages()
     todo = STAGES[next((i for i, s in enumerate(STAGES) if s not in finished), len(STAGES)):]
-    if "train" in todo and run.adapter_dir.exists():
+    wait_for_everyone()  # every process has read what is finished
+    if "train" in todo and run.adapter_dir.exists() and is_main_process():
         shutil.rmtree(run.adapter_dir)  # saved by a training that was never recorded as finished
-    models = Models(cfg, run)
-    for name in todo:
-        if on_stage:
-            on_stage(name)
-        run_stage(name, cfg, run, models)
+    run_stages(todo, cfg, run, Models(cfg, run), on_stage=on_stage)
     return run
+
+
+def run_stages(names, cfg: ExperimentConfig, run: Run, models: Models, data: DistanceData | None = None,
+               on_stage=None) -> None:
+    """Stages in order. With several processes every one trains (DDP) and the main one alone does the rest."""
+    for name in names:
+        if name == "train":
+            wait_for_everyone()  # the data is written, a stale adapter removed
+        elif not is_main_process():
+            continue
+        if on_stage and is_main_process():
+            on_stage(name)
+        run_stage(name, cfg, run, models, data)
 
 
 def run_experiment(cfg: ExperimentConfig, out: str | Path, stages: tuple[str, ...] = STAGES, on_stage=None) -> Run:
     """Every stage in order into a new run directory. Bad input is refused before anything is written:
-    the --out path, then the data config, then the model (its load may take seconds) and sample lengths."""
+    the --out path, then the data config, then the model (its load may take seconds) and sample lengths.
+    Several processes check the same things, then the main one creates the run directory."""
     Run.refuse_existing(Path(out))
     data = build_distance_data(cfg.data, cfg.seed)
     models = Models(cfg)
@@ -153,10 +168,8 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, stages: tuple[str, ..
         model, tokenizer = models.base()
         check_lengths(tokenizer, data.train, cfg.train.max_length)
         check_lora_layers(cfg.train, model)
-    run = Run.create(out, cfg)
+    wait_for_everyone()  # no process checks --out after the main one has created it
+    run = Run.create(out, cfg) if is_main_process() else Run(Path(out))
     models.run = run
-    for name in stages:
-        if on_stage:
-            on_stage(name)
-        run_stage(name, cfg, run, models, data)
+    run_stages(stages, cfg, run, models, data, on_stage)
     return run

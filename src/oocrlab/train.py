@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from oocrlab.config import ExperimentConfig, TrainConfig
 from oocrlab.errors import UserError
 from oocrlab.packing import prefix_tree_batch
+from oocrlab.processes import is_main_process
 from oocrlab.rundir import Run, read_jsonl, write_jsonl
 
 # TRL 1.x and PEFT still use the name `gradient_checkpointing`, which transformers 5 renamed
@@ -210,7 +211,8 @@ def train(cfg: ExperimentConfig, run: Run, model, tokenizer) -> tuple[dict[str, 
         every step's log dict); stops training at a non-finite loss, saving no checkpoint of it."""
 
         def on_train_begin(self, args, state, control, **kwargs):
-            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step")
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step",
+                            disable=not state.is_world_process_zero)
 
         def on_step_end(self, args, state, control, **kwargs):
             self.bar.update(1)
@@ -255,8 +257,9 @@ def train(cfg: ExperimentConfig, run: Run, model, tokenizer) -> tuple[dict[str, 
                         + f": lower train.learning_rate (now {cfg.train.learning_rate:g}) or use float32 (model.dtype)")
     peft_model = trainer.model
     peft_model.eval()
-    save_adapter(peft_model, run.adapter_dir)
-    write_jsonl(run.train_log, log)
+    if is_main_process():
+        save_adapter(peft_model, run.adapter_dir)
+        write_jsonl(run.train_log, log)
     trainable, total = count_parameters(peft_model)
     tokens = int(trainer.state.num_input_tokens_seen) - int(resumed.get("num_input_tokens_seen", 0))  # this call's
     metrics = {

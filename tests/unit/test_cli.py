@@ -159,3 +159,14 @@ def test_pickle_only_weights_are_refused_unless_allowed(tmp_path, capsys, tiny_m
 
     model, _ = load_model(ModelConfig(name=str(pickled), allow_pickle=True))
     assert model.config.num_hidden_layers == 3
+
+
+def test_out_of_gpu_memory_is_one_line_with_the_flags_that_help(tmp_path, capsys, monkeypatch):
+    import oocrlab.experiment
+
+    def exhausted(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(oocrlab.experiment, "run_experiment", exhausted)
+    code, err = run_cli(capsys, "run", "--out", str(tmp_path / "run"))
+    assert code == 2 and len(err) == 1 and "--quantization 4bit" in err[0] and "--resume" in err[0]
