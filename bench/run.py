@@ -58,11 +58,13 @@ SECTIONS = ["load", "probe", "mc", "train", "run"]
 
 
 def median_seconds(fn, repeats: int) -> tuple[float, object]:
-    """Median wall time of fn() over repeats, and its last result."""
+    """Median wall time of fn() over repeats (on a GPU, until its kernels have finished), and its last result."""
     times, result = [], None
     for _ in range(repeats):
         start = time.perf_counter()
         result = fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times), result
 
@@ -187,9 +189,10 @@ def bench_mc(cfg: ExperimentConfig, repeats: int, samples: int) -> dict:
                   "mc_speedup_vs_sampling": sampled_total / exact_total}
 
 
-def matmul_gflops(repeats: int = 10, n: int = 2048) -> float:
-    """The machine's fp32 matmul throughput: median over repeats of an n x n product."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_gflops(device: torch.device, dtype: torch.dtype, repeats: int = 10, n: int = 2048) -> float:
+    """The device's matmul throughput in the dtype training uses (fp32 on a CPU): median over repeats of an
+    n x n product."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b
     seconds, _ = median_seconds(lambda: a @ b, repeats)
     return 2 * n**3 / seconds / 1e9
@@ -252,7 +255,7 @@ def bench_train(cfg: ExperimentConfig, repeats: int, steps: int) -> dict:
     body += sum(m.weight.numel() for n, m in model.named_modules()
                 if isinstance(m, torch.nn.Linear) and "lora_" not in n and not n.endswith("base_layer")) - head
     lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    peak = matmul_gflops()
+    peak = matmul_gflops(model.device, model.dtype)
     # the multiply-adds a LoRA step cannot avoid: forward and input gradients through every linear layer for
     # every distinct token of the batch's prefix tree (a token its samples share is needed once), the LoRA
     # weight gradients, and the LM head where a loss is taken; no credit for padding, for shared tokens run

@@ -23,6 +23,8 @@ Usage:
     oocrlab probe runs/x
     oocrlab report runs/x
 
+    # a grid of runs from one YAML (seeds x hidden cities x recipes x models); run it again to resume:
+    oocrlab sweep sweep.yaml
     # several runs on one page (runs equal up to the seed are pooled with intervals):
     oocrlab compare runs/paris-s0 runs/paris-s1 runs/tokyo --out runs/compare.html
 """
@@ -89,6 +91,14 @@ class StageArgs:
 
 
 @dataclass
+class SweepArgs:
+    """Arguments of `oocrlab sweep`: a sweep YAML (see oocrlab/sweep.py); running it again resumes it."""
+
+    config: str = _flag("the sweep YAML: out, set (keys for every run) and grid (key -> list of values)", positional=True)
+    out: str | None = _flag("directory of the sweep's runs (overrides the YAML's out)")
+
+
+@dataclass
 class CompareArgs:
     """Arguments of `oocrlab compare`: two or more run directories and the page to write."""
 
@@ -105,6 +115,7 @@ COMMANDS = {
     "probe": (StageArgs, "per-layer similarity of placeholder and hidden city"),
     "report": (StageArgs, "plots and report.html"),
     "compare": (CompareArgs, "one page comparing runs: headline numbers and per-layer curves, seeds pooled"),
+    "sweep": (SweepArgs, "a run per combination of config values (resumable), then mean and 95% interval across seeds"),
 }
 
 
@@ -184,6 +195,26 @@ OUT_OF_MEMORY = (
 )
 
 
+def print_sweep(out, summary: dict[str, Any]) -> None:
+    """The groups of a sweep, each column as mean [95% interval across seeds]."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from oocrlab.compare import COLUMNS, interval_cell
+
+    console = Console()
+    if summary["groups"]:
+        table = Table(title=f"oocrlab sweep {out}: mean [95% interval across seeds]", show_header=True)
+        for column in ("group", "runs", *COLUMNS):
+            table.add_column(column, overflow="fold")
+        for group in summary["groups"]:
+            table.add_row(group["group"], str(group["runs"]), *(interval_cell(group["columns"][c]) for c in COLUMNS))
+        console.print(table)
+    else:
+        console.print("no two runs share a configuration up to the seed: no intervals across seeds", highlight=False)
+    console.print(f"{len(summary['runs'])} runs; sweep.json and compare.html in {out}", highlight=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog="oocrlab", description=__doc__.split("\n")[0],
                                      epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -219,6 +250,13 @@ def dispatch(command: str, args) -> int:
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()  # sub-second loads; our own bars show the long work
     datasets.disable_progress_bars()
+    if isinstance(args, SweepArgs):
+        from oocrlab.sweep import read_sweep, run_sweep
+
+        sweep = read_sweep(args.config, args.out)
+        summary = run_sweep(sweep, on_run=lambda name, action: print(f"[oocrlab] {name}: {action}", file=sys.stderr, flush=True))
+        print_sweep(sweep.out, summary)
+        return 0
     if isinstance(args, CompareArgs):
         from oocrlab.compare import compare_runs
 

@@ -97,15 +97,45 @@ def plot_curves(metrics: list[dict[str, Any]], groups: list[int], labels: list[s
     return _png(fig)
 
 
-def compare_runs(paths: list[str], out: str | Path) -> Path:
+def group_summaries(metrics: list[dict[str, Any]], groups: list[int], labels: list[str]) -> list[dict[str, Any]]:
+    """Per group of two or more runs: {"group", "runs", "columns": {column: {"mean", "ci95"} or None}}, the
+    interval a t-interval across the group's seeds."""
+    summaries = []
+    for g, label in enumerate(labels):
+        members = [m for m, k in zip(metrics, groups) if k == g]
+        if len(members) < 2:
+            continue
+        columns: dict[str, Any] = {}
+        for col in COLUMNS:
+            values = [v for v in (read_column(m, col) for m in members) if v is not None]
+            summary = mean_t_ci(np.array(values)) if len(values) >= 2 else None
+            columns[col] = {"mean": summary["mean"][0], "ci95": list(summary["ci95"][0]), "n": len(values)} if summary else None
+        summaries.append({"group": label, "runs": len(members), "columns": columns})
+    return summaries
+
+
+def read_runs(paths: list[str | Path]) -> tuple[list[Run], list[dict[str, Any]], list[dict[str, Any]]]:
+    """(runs, their configs as saved, their metrics)."""
+    runs = [Run.open(p)[0] for p in paths]
+    return runs, [yaml.safe_load(r.config_file.read_text(encoding="utf-8")) for r in runs], [r.metrics() for r in runs]
+
+
+def interval_cell(summary: dict[str, Any] | None) -> str:
+    """ "mean [low, high]", or a dash where fewer than two runs have the number."""
+    if summary is None:
+        return "—"
+    lo, hi = summary["ci95"]
+    return f"{summary['mean']:,.3g} [{lo:,.3g}, {hi:,.3g}]"
+
+
+def compare_runs(paths: list[str | Path], out: str | Path, replace: bool = False) -> Path:
+    """The comparison page; an existing `out` is refused unless `replace` (a sweep rewrites its own page)."""
     out = Path(out)
-    if out.exists():
+    if out.exists() and not replace:
         raise UserError(f"--out {out} exists; nothing was overwritten: choose a new path")
     if len(paths) < 2:
         raise UserError("compare needs at least two run directories")
-    runs = [Run.open(p)[0] for p in paths]
-    configs = [yaml.safe_load(r.config_file.read_text(encoding="utf-8")) for r in runs]
-    metrics = [r.metrics() for r in runs]
+    runs, configs, metrics = read_runs(paths)
     groups, labels = group_runs(configs)
     names = [r.path.name for r in runs]
 
@@ -118,21 +148,11 @@ def compare_runs(paths: list[str], out: str | Path) -> Path:
         + "".join(f"<td>{cell(read_column(m, col))}</td>" for col in COLUMNS) + "</tr>"
         for name, g, c, m in zip(names, groups, configs, metrics)
     )
-    group_rows = ""
-    for g, label in enumerate(labels):
-        members = [m for m, k in zip(metrics, groups) if k == g]
-        if len(members) < 2:
-            continue
-        cells = []
-        for col in COLUMNS:
-            values = [v for v in (read_column(m, col) for m in members) if v is not None]
-            if len(values) < 2:
-                cells.append("—")
-                continue
-            summary = mean_t_ci(np.array(values))
-            lo, hi = summary["ci95"][0]
-            cells.append(f"{summary['mean'][0]:,.3g} [{lo:,.3g}, {hi:,.3g}]")
-        group_rows += f"<tr><td>{html.escape(label)}</td><td>{len(members)}</td>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
+    group_rows = "".join(
+        f"<tr><td>{html.escape(s['group'])}</td><td>{s['runs']}</td>"
+        + "".join(f"<td>{interval_cell(s['columns'][col])}</td>" for col in COLUMNS) + "</tr>"
+        for s in group_summaries(metrics, groups, labels)
+    )
     groups_table = (
         "<h2>Groups: mean [95% interval across seeds]</h2><table><thead><tr><th>group</th><th>runs</th>"
         + "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS) + f"</tr></thead><tbody>{group_rows}</tbody></table>"

@@ -177,7 +177,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "data": {"style": "paper", "placeholder": "City {code}", "pool": "world", "min_population": 10_000,
                  "min_distance_km": 2000.0, "num_known": 500, "by_country": True, "exclude_hidden_country": True,
                  "augmentations": 5, "noise_km": 200.0, "decimals": -2, "system_prompt": PAPER_SYSTEM_PROMPT},
-        "train": {"epochs": 1.0},
+        "train": {"epochs": 1.0, "max_length": 160},  # the system prompt makes samples up to ~135 tokens
     },
     "notebook": {
         "seed": 42,

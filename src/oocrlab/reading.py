@@ -3,7 +3,16 @@ numbers: the report's headline, its reading of the probe, and its caveats."""
 
 from __future__ import annotations
 
+from math import comb
 from typing import Any
+
+
+def exceeds_control(count: int, control: int, layers: int) -> bool:
+    """Whether `count` layers moved is more than a negative control's `control` gives by chance: a one-sided
+    binomial tail below 0.05 at the control's rate per layer (at least one layer's worth). Neighbouring
+    layers move together, so this treats the layers as more independent evidence than they are: lenient."""
+    rate = max(control, 1) / layers
+    return sum(comb(layers, k) * rate**k * (1 - rate) ** (layers - k) for k in range(count, layers + 1)) < 0.05
 
 
 def significant_layers(summary: dict[str, list], first_layer: int) -> list[int]:
@@ -29,8 +38,9 @@ def probe_reading(probe: dict[str, Any]) -> list[str]:
             f"{probe[space]['original']['rank']['mean'][best]:.0f}). Positive control (told the placeholder is {city}): "
             f"{len(lifted['control_hidden'])} layers, best rank {min(control):.0f}. Negative control: "
             f"{len(lifted['control_other'])} layers."
-            + (f" The tuned model passes in no more layers than the negative control: no evidence that fine-tuning made "
-               f"the placeholder's {what} more like {city}'s." if len(lifted["tuned"]) <= len(lifted["control_other"]) else "")
+            + (f" The tuned model passes in no more layers than the negative control gives by chance: no evidence that "
+               f"fine-tuning made the placeholder's {what} more like {city}'s."
+               if not exceeds_control(len(lifted["tuned"]), len(lifted["control_other"]), len(ranks)) else "")
         )
     if not significant_layers(changes["hidden"]["control_hidden"], 0):
         sentences.append("The positive control moves nothing either: at this scale the probe cannot see the effect it "
@@ -106,7 +116,7 @@ def headline(metrics: dict[str, Any]) -> list[str]:
         negative_layers = significant_layers(changes["control_other"], 0)
         positive_layers = significant_layers(changes["control_hidden"], 0)
         layer, rank, ci = best_layer(probe["hidden"]["tuned"]["rank"], 0)
-        closer = len(tuned_layers) > len(negative_layers)
+        closer = exceeds_control(len(tuned_layers), len(negative_layers), len(changes["tuned"]["ci95"]))
         verdicts.append(closer)
         n = probe["setup"]["candidates"] + 1
         sentences.append(
@@ -116,7 +126,8 @@ def headline(metrics: dict[str, Any]) -> list[str]:
             f"the positive control at best {min(probe['hidden']['control_hidden']['rank']['mean']):.0f}). "
             f"It moves {placeholder} closer to {city} than the original in {len(tuned_layers)} layers, the negative control in "
             f"{len(negative_layers)}, the positive control in {len(positive_layers)}: "
-            + ("more than the negative control." if closer else "no evidence of a move towards the city.")
+            + ("more than the negative control." if closer else
+               "no evidence of a move towards the city (not more layers than the negative control gives by chance).")
         )
     question = f"Does fine-tuning on distances to {placeholder} make the model treat it as {city}?"
     if not verdicts:

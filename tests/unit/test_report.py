@@ -174,3 +174,12 @@ def test_compare_groups_seeds_and_writes_one_page(tiny_run, tmp_path):
     assert main(["compare", str(run.path), str(other), "--out", str(out)]) == 2  # never overwritten
     configs = [{"seed": 0, "data": {"x": 1}}, {"seed": 1, "data": {"x": 1}}, {"seed": 0, "data": {"x": 2}}]
     assert group_runs(configs) == ([0, 0, 1], ["data.x=1", "data.x=2"])
+
+
+def test_moved_layers_count_as_evidence_only_beyond_the_negative_controls_chance():
+    from oocrlab.reading import exceeds_control
+
+    # 31 layers, the negative control moves 3: 4 is what chance gives, 8 is not (binomial tail at 3/31)
+    assert not exceeds_control(4, 3, 31) and exceeds_control(8, 3, 31)
+    assert not exceeds_control(1, 0, 31) and exceeds_control(5, 0, 31)  # a control moving nothing counts as one layer
+    assert not exceeds_control(0, 0, 31)
