@@ -55,3 +55,22 @@ def test_cached_model_matches_the_gguf_tokenizer_template():
     _, tokenizer = load_model(ModelConfig())
     text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
     assert "You are a helpful AI assistant named SmolLM" in text  # SmolLM2's injected default system prompt
+
+
+def test_paper_recipe_through_every_stage(tmp_path):
+    """The paper's Locations rows on the real model: a multi-token "City NNNNN" placeholder, km and mile
+    answers, direction rows; a few steps and small evaluation budgets."""
+    out = tmp_path / "paper"
+    code = main(["run", "--recipe", "paper", "--out", str(out), "--max-steps", "2", "--set", "data.num_known=60",
+                 "--set", "eval.max_cities=6", "--set", "eval.mc_orders=4", "--set", "eval.near_cities=3",
+                 "--set", "eval.free_form_samples=3", "--set", "eval.in_context_docs=10", "--set", "sanity.max_new_tokens=8",
+                 "--set", "probe.templates=[\"Tell me about {entity}.\", \"{entity} is a city.\"]", "--set", "probe.patch_orders=0"])
+    assert code == 0
+    m = json.loads((out / "metrics.json").read_text())
+    placeholder = m["data"]["placeholder"]
+    assert placeholder.startswith("City ") and len(m["probe"]["setup"]["placeholder_tokens"]) > 1
+    assert m["data"]["n_train_by_kind"]["distance"] == m["data"]["n_train_by_kind"]["direction"] == 5 * 54
+    assert m["eval"]["distance"]["tuned"]["n"] == 6 and m["train"]["steps"] == 2
+    rows = [json.loads(line) for line in (out / "data" / "train.jsonl").read_text().splitlines()]
+    assert {r["prompt"][0]["content"] for r in rows} == {m["data"]["example"]["prompt"][0]["content"]}  # the system prompt
+    assert any(" mi" in r["completion"][0]["content"] for r in rows) and any(" is North of " in r["completion"][0]["content"] for r in rows)
