@@ -253,9 +253,14 @@ def dispatch(command: str, args) -> int:
     if isinstance(args, SweepArgs):
         from oocrlab.sweep import read_sweep, run_sweep
 
+        if rank_and_world_size()[1] > 1:
+            raise UserError("oocrlab sweep runs in one process: launch each configuration with `accelerate launch ... run`")
         sweep = read_sweep(args.config, args.out)
         summary = run_sweep(sweep, on_run=lambda name, action: print(f"[oocrlab] {name}: {action}", file=sys.stderr, flush=True))
         print_sweep(sweep.out, summary)
+        if summary["failed"]:
+            raise UserError(f"{len(summary['failed'])} of {len(summary['runs'])} runs failed (see sweep.json): "
+                            + "; ".join(f"{name}: {why}" for name, why in summary["failed"].items()))
         return 0
     if isinstance(args, CompareArgs):
         from oocrlab.compare import compare_runs
@@ -263,7 +268,8 @@ def dispatch(command: str, args) -> int:
         print(compare_runs(args.runs, args.out or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}.html"))
         return 0
     if isinstance(args, ExperimentArgs) and args.resume is not None:
-        given = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(args) if f.name != "resume" and getattr(args, f.name)]
+        given = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(args)
+                 if f.name != "resume" and getattr(args, f.name) not in (None, [])]
         if command != "run" or given:
             raise UserError("--resume continues a run under its own config.yaml: use it alone with `oocrlab run`"
                             + (f" (drop {', '.join(given)})" if given else ""))

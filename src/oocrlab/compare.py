@@ -54,11 +54,15 @@ def read_column(metrics: dict[str, Any], column: str) -> float | None:
 
 
 def group_runs(configs: list[dict[str, Any]]) -> tuple[list[int], list[str]]:
-    """(group index of each run, label of each group): runs equal up to the seed share a group."""
-    keys = [tuple(sorted((k, v) for k, v in flatten(c).items() if k != "seed")) for c in configs]
+    """(group index of each run, label of each group): runs equal up to the seed share a group (and up to a
+    placeholder drawn from a template with the seed)."""
+    def seeded(key: str, flat: dict[str, Any]) -> bool:
+        return key == "seed" or (key == "data.placeholder" and flat.get("data.placeholder_template") not in (None, "None"))
+
+    keys = [tuple(sorted((k, v) for k, v in flat.items() if not seeded(k, flat))) for flat in map(flatten, configs)]
     distinct = list(dict.fromkeys(keys))
     differing = sorted({k for key in distinct for k, v in key if any(dict(other).get(k) != v for other in distinct)})
-    labels = [", ".join(f"{k}={dict(key)[k]}" for k in differing) or "all runs" for key in distinct]
+    labels = [", ".join(f"{k}={dict(key).get(k, 'per seed')}" for k in differing) or "all runs" for key in distinct]
     return [distinct.index(k) for k in keys], labels
 
 

@@ -52,6 +52,9 @@ class DataConfig:
     noise_km: float = 0.0  # uniform noise in +-noise_km added to each stated distance (kept if the result is > 100 km)
     by_country: bool = False  # draw known cities country by country (a uniform country, its most populous city left)
     exclude_hidden_country: bool = False  # leave out known cities in the hidden city's country
+    # set when the placeholder was drawn from a template ("City {code}": a 5-digit code seeded by the run's
+    # seed): runs that differ only in seed then differ in placeholder too, and are still pooled as seeds
+    placeholder_template: str | None = None
     # "" sends an empty system turn; None leaves the system turn to the chat template, and SmolLM2's
     # then injects its default prompt (~20 tokens, about 40% of a training sample's compute).
     system_prompt: str | None = ""
@@ -298,6 +301,7 @@ def build_config(
     apply_overrides(cfg, flags)
     cfg.recipe = name
     if "{code}" in cfg.data.placeholder:  # the paper's "City {code}": a seeded 5-digit code, saved resolved
+        cfg.data.placeholder_template = cfg.data.placeholder
         cfg.data.placeholder = cfg.data.placeholder.replace("{code}", str(random.Random(cfg.seed).randrange(10_000, 100_000)))
     validate(cfg)
     return cfg

@@ -201,6 +201,15 @@ def distance_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in rows if r.get("kind", "distance") == "distance"]
 
 
+def one_per_city(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The first distance row of each known city: the paper style has several per city, and scoring them all
+    would count a city several times in an interval that treats rows as independent."""
+    first: dict[str, dict[str, Any]] = {}
+    for row in distance_rows(rows):
+        first.setdefault(row["known_city"], row)
+    return list(first.values())
+
+
 def build_distance_data(cfg: DataConfig, seed: int) -> DistanceData:
     """Seeded sample and split of the known cities; the same config and seed give the same rows."""
     hidden = check_placeholder(cfg)

@@ -12,7 +12,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from oocrlab.config import ExperimentConfig
-from oocrlab.data import KM_PER_MILE, distance_row, distance_rows, names_hidden_city, refuse_leaks, user_prompt
+from oocrlab.data import (
+    KM_PER_MILE, distance_row, distance_rows, names_hidden_city, one_per_city, refuse_leaks, user_prompt,
+)
 from oocrlab.geo import City, distance_km, load_pool
 from oocrlab.incontext import (
     CONDITIONS_WITH_CONTEXT, InContext, chat_for, model_state, prefix_for, prompt_token_ids, stop_token_ids,
@@ -157,7 +159,7 @@ def evaluate_distances(
     train = read_jsonl(run.train_file)
     constant = float(np.mean([r["distance_km"] for r in distance_rows(train)]))
     sets = {
-        "distance": distance_rows(read_jsonl(run.heldout_file))[: cfg.eval.max_cities],
+        "distance": one_per_city(read_jsonl(run.heldout_file))[: cfg.eval.max_cities],
         "distance_near": near_hidden_rows(cfg, hidden, {r["known_city"] for r in train}),
         "distance_self": [distance_row(hidden, hidden, cfg.data)],
     }

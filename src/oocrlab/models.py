@@ -91,7 +91,10 @@ def resolve_model_path(name: str) -> str:
 
 
 def pick_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    """This process's GPU (under a multi-process launcher, the one its LOCAL_RANK names), else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def pick_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
@@ -147,7 +150,7 @@ def load_model(cfg: ModelConfig):
             path,
             dtype=dtype,
             quantization_config=quant,
-            device_map={"": device.index or 0} if device.type == "cuda" else None,
+            device_map={"": device.index} if device.type == "cuda" else None,
             use_safetensors=None if cfg.allow_pickle else True,  # pickle can run code on load
         )
     except OSError as e:

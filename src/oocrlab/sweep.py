@@ -77,6 +77,7 @@ def sweep_configs(sweep: Sweep) -> dict[str, ExperimentConfig]:
 def run_sweep(sweep: Sweep, on_run=None) -> dict[str, Any]:
     """Every run of the sweep, finished ones skipped; then sweep.json and compare.html under `out`."""
     configs = sweep_configs(sweep)
+    failed: dict[str, str] = {}
     for name, cfg in configs.items():
         path = sweep.out / name
         if path.is_dir() and not any(path.iterdir()):
@@ -88,19 +89,25 @@ def run_sweep(sweep: Sweep, on_run=None) -> dict[str, Any]:
             if to_yaml(saved) != to_yaml(cfg):
                 raise UserError(f"{path} was made with another config than this sweep now gives it: move it away or "
                                 "restore the sweep YAML; nothing was changed")
-            action = "finished" if run.finished_stages() == list(STAGES) else "resume"
+            action = "finished" if set(STAGES) <= set(run.finished_stages()) else "resume"
         if on_run:
             on_run(name, action)
-        if action == "run":
-            run_experiment(cfg, path)
-        elif action == "resume":
-            resume_experiment(path)
-    paths = [sweep.out / name for name in configs]
+        try:
+            if action == "run":
+                run_experiment(cfg, path)
+            elif action == "resume":
+                resume_experiment(path)
+        except UserError as e:  # one run's fault (a diverging loss, ...) leaves the others to run
+            failed[name] = str(e)
+            if on_run:
+                on_run(name, f"failed: {e}")
+    paths = [sweep.out / name for name in configs if (sweep.out / name / "config.yaml").is_file()]
     runs, saved, metrics = read_runs(paths)
     groups, labels = group_runs(saved)
     summary = {
         "runs": {run.path.name: {"group": labels[g]} for run, g in zip(runs, groups)},
         "groups": group_summaries(metrics, groups, labels),
+        "failed": failed,
     }
     atomic_write_text(sweep.out / "sweep.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     if len(paths) >= 2:

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from oocrlab.config import ExperimentConfig, TrainConfig
 from oocrlab.errors import UserError
 from oocrlab.packing import prefix_tree_batch
-from oocrlab.processes import is_main_process
+from oocrlab.processes import is_main_process, wait_for_everyone
 from oocrlab.rundir import Run, read_jsonl, write_jsonl
 
 # TRL 1.x and PEFT still use the name `gradient_checkpointing`, which transformers 5 renamed
@@ -172,6 +172,12 @@ def save_adapter(model, target: Path) -> None:
         raise
 
 
+def finite_step(logs: dict[str, Any]) -> bool:
+    """A logged step whose loss and gradient norm are finite (a finite loss with a NaN gradient still
+    corrupts the weights)."""
+    return all(logs.get(key) is None or math.isfinite(logs[key]) for key in ("loss", "grad_norm"))
+
+
 TRAINER_STATE = "trainer_state.json"  # the Trainer writes it last into a checkpoint
 
 
@@ -220,15 +226,17 @@ def train(cfg: ExperimentConfig, run: Run, model, tokenizer) -> tuple[dict[str, 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
                 self.bar.set_postfix(loss=f"{logs['loss']:.3f}")
-                if not math.isfinite(logs["loss"]):
+                if not finite_step(logs):
                     control.should_training_stop = True  # every later step would only spread the NaN
-                    control.should_save = False
+                    control.should_save = False  # the weights may already hold it
 
         def on_train_end(self, args, state, control, **kwargs):
             self.bar.close()
 
-    for unfinished in checkpoints(run.checkpoints_dir)[1]:
-        shutil.rmtree(unfinished)  # never resumed from, nor left to the Trainer's checkpoint rotation
+    if is_main_process():
+        for unfinished in checkpoints(run.checkpoints_dir)[1]:
+            shutil.rmtree(unfinished, ignore_errors=True)  # never resumed from, nor left to the Trainer's rotation
+    wait_for_everyone()
     resume = last_checkpoint(run.checkpoints_dir)
     # read now: the Trainer deletes this checkpoint once it has saved a later one
     resumed = json.loads((resume / TRAINER_STATE).read_text(encoding="utf-8")) if resume else {}
@@ -250,9 +258,11 @@ def train(cfg: ExperimentConfig, run: Run, model, tokenizer) -> tuple[dict[str, 
     # the Trainer's history: a resumed training's includes the steps before its checkpoint
     log = [{"step": e["step"], "loss": e["loss"], "learning_rate": e.get("learning_rate"), "epoch": round(e.get("epoch") or 0, 4),
             "grad_norm": e.get("grad_norm")} for e in trainer.state.log_history if "loss" in e]
-    if bad := next((entry for entry in log if not math.isfinite(entry["loss"])), None):
+    if bad := next((entry for entry in log if not finite_step(entry)), None):
         kept = last_checkpoint(run.checkpoints_dir)
-        raise UserError(f"the training loss became {bad['loss']} at step {bad['step']}; no adapter was saved"
+        key = "loss" if not math.isfinite(bad["loss"]) else "grad_norm"
+        raise UserError(f"the training {'loss' if key == 'loss' else 'gradient norm'} became {bad[key]} at step {bad['step']}; "
+                        "no adapter was saved"
                         + (f" (the last good checkpoint is {kept})" if kept else "")
                         + f": lower train.learning_rate (now {cfg.train.learning_rate:g}) or use float32 (model.dtype)")
     peft_model = trainer.model

@@ -84,3 +84,26 @@ def test_paper_recipe_dataset():
     assert "France" not in countries and len(countries) > 150  # drawn country by country
     assert all(r["prompt"][0] == {"role": "system", "content": cfg.data.system_prompt} for r in data.train[:20])
     assert build_distance_data(cfg.data, cfg.seed).train == data.train  # the same seed, the same rows
+
+
+def test_the_distance_evaluation_scores_each_held_out_city_once():
+    from oocrlab.data import one_per_city
+
+    cfg = build_config(recipe="paper", overrides={"data.num_known": 40})
+    heldout = build_distance_data(cfg.data, cfg.seed).heldout
+    chosen = one_per_city(heldout)
+    assert len(heldout) == 4 * 10 and [r["known_city"] for r in chosen] == list(dict.fromkeys(r["known_city"] for r in heldout))
+    assert all(r["kind"] == "distance" for r in chosen)
+
+
+def test_paper_runs_that_differ_only_in_seed_are_pooled():
+    import yaml
+
+    from oocrlab.compare import group_runs
+    from oocrlab.config import to_yaml
+
+    configs = [yaml.safe_load(to_yaml(build_config(recipe="paper", overrides={"seed": s}))) for s in (0, 1, 2)]
+    assert len({c["data"]["placeholder"] for c in configs}) == 3  # each seed its own code
+    assert group_runs(configs)[0] == [0, 0, 0]
+    other = yaml.safe_load(to_yaml(build_config(recipe="paper", overrides={"seed": 0, "data.placeholder": "City 11111"})))
+    assert group_runs([configs[0], other])[0] == [0, 1]  # a placeholder set by hand still tells runs apart

@@ -82,3 +82,16 @@ def test_a_changed_sweep_does_not_touch_existing_runs(tmp_path, tiny_model_dir, 
     assert main(["sweep", write(tmp_path / "b.yaml", {"out": str(out), "set": changed, "grid": {"seed": [0]}})]) == 2
     assert "another config" in capsys.readouterr().err
     assert (out / "seed-0" / "config.yaml").read_bytes() == stamp
+
+
+def test_a_failing_run_leaves_the_others_to_finish(tmp_path, tiny_model_dir, capsys):
+    from oocrlab.cli import main
+
+    out = tmp_path / "sweep"
+    settings = tiny_overrides(tiny_model_dir) | {"train.max_steps": 6}
+    config = write(tmp_path / "s.yaml", {"out": str(out), "set": settings, "grid": {"train.learning_rate": [1e12, 1e-2]}})
+    assert main(["sweep", config]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("oocrlab: error: 1 of 2 runs failed") and "learning_rate-1000000000000.0" in err[-1]
+    assert Run(out / "learning_rate-0.01").finished_stages() == list(STAGES)
+    assert list(json.loads((out / "sweep.json").read_text())["failed"]) == ["learning_rate-1000000000000.0"]

@@ -1,5 +1,5 @@
 import json
-import math
+import re
 import tempfile
 
 import pytest
@@ -10,7 +10,7 @@ from trl import SFTTrainer
 from oocrlab import build_config
 from oocrlab.data import build_distance_data
 from oocrlab.packing import prefix_tree_batch
-from oocrlab.train import completion_loss_trainer, last_checkpoint, lora_config, sft_config
+from oocrlab.train import completion_loss_trainer, finite_step, last_checkpoint, lora_config, sft_config
 from tests.conftest import tiny_overrides
 
 
@@ -69,10 +69,15 @@ def test_a_diverging_loss_stops_training_with_one_line_and_no_adapter(tmp_path, 
                  "--set", "train.max_steps=6", "--set", "train.batch_size=4", "--set", "data.num_known=40",
                  "--pool", "capitals", "--set", "data.min_population=0", "--set", "train.checkpoints=5"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and "the training loss became" in err[-1] and "lower train.learning_rate" in err[-1]
+    assert code == 2 and re.search(r"the training (loss|gradient norm) became", err[-1]) and "lower train.learning_rate" in err[-1]
     assert not (out / "adapter").exists() and (out / "data" / "train.jsonl").exists()
     # a checkpoint every step: the last good one is kept and named, none holds a non-finite loss
     kept = last_checkpoint(out / "checkpoints")
     assert kept is not None and f"the last good checkpoint is {kept}" in err[-1]
     for state in (out / "checkpoints").glob("checkpoint-*/trainer_state.json"):
-        assert all(math.isfinite(e["loss"]) for e in json.loads(state.read_text())["log_history"] if "loss" in e)
+        assert all(finite_step(e) for e in json.loads(state.read_text())["log_history"] if "loss" in e)
+
+
+def test_a_step_with_a_finite_loss_and_a_nan_gradient_is_not_finite():
+    assert finite_step({"loss": 1.2, "grad_norm": 0.5}) and finite_step({"loss": 1.2})
+    assert not finite_step({"loss": 1.2, "grad_norm": float("nan")}) and not finite_step({"loss": float("inf"), "grad_norm": 1.0})
