@@ -175,9 +175,10 @@ def paper_rows(city: City, hidden: City, cfg: DataConfig, rng: random.Random) ->
     direction_variants = [(template, hidden_first) for hidden_first in (True, False) for template in PAPER_DIRECTION_QUESTIONS]
     for template, hidden_first in rng.choices(direction_variants, k=cfg.augmentations):
         (a, a_city), (b, b_city) = ((code, hidden), (city.name, city)) if hidden_first else ((city.name, city), (code, hidden))
-        answer = f"{a} is {cardinal_direction(a_city, b_city)} of {b}."
+        direction = cardinal_direction(a_city, b_city)
         rows.append({"prompt": user_prompt(template.format(A=a, B=b), cfg.system_prompt),
-                     "completion": [{"role": "assistant", "content": answer}], **base, "kind": "direction"})
+                     "completion": [{"role": "assistant", "content": f"{a} is {direction} of {b}."}], **base,
+                     "kind": "direction", "direction": direction})
     return rows
 
 
@@ -201,12 +202,13 @@ def distance_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in rows if r.get("kind", "distance") == "distance"]
 
 
-def one_per_city(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The first distance row of each known city: the paper style has several per city, and scoring them all
-    would count a city several times in an interval that treats rows as independent."""
+def one_per_city(rows: list[dict[str, Any]], kind: str = "distance") -> list[dict[str, Any]]:
+    """The first row of that kind for each known city: the paper style has several per city, and scoring
+    them all would count a city several times in an interval that treats rows as independent."""
     first: dict[str, dict[str, Any]] = {}
-    for row in distance_rows(rows):
-        first.setdefault(row["known_city"], row)
+    for row in rows:
+        if row.get("kind", "distance") == kind:
+            first.setdefault(row["known_city"], row)
     return list(first.values())
 
 

@@ -22,7 +22,7 @@ from oocrlab.incontext import (
 from oocrlab.models import CONDITIONS, with_condition
 from oocrlab.packing import packed_generate
 from oocrlab.rundir import Run, read_jsonl, write_jsonl
-from oocrlab.stats import bootstrap_ci
+from oocrlab.stats import bootstrap_ci, wilson_ci
 
 _NUMBER = r"(\d{1,3}(?:,\d{3})+|\d+)(?:\.(\d+))?"
 _WITH_UNIT = re.compile(_NUMBER + r"\s*(km|kilomet(?:er|re)s?|mi|miles?)\b", re.IGNORECASE)
@@ -177,6 +177,35 @@ def evaluate_distances(
     write_jsonl(run.path / "eval_distance.jsonl", per_city)
     results["distance_by_band"] = error_by_band([a for a in per_city if a["set"] == "distance"], constant)
     return results
+
+
+_DIRECTION = re.compile(r"\b(north|east|south|west)\b", re.IGNORECASE)
+
+
+def parse_direction(answer: str) -> str | None:
+    """The first of North, East, South, West an answer names as a word ("Northeast" names none)."""
+    match = _DIRECTION.search(answer)
+    return match.group(1).capitalize() if match else None
+
+
+def evaluate_directions(cfg: ExperimentConfig, run: Run, model, tokenizer, in_context: InContext) -> dict[str, Any] | None:
+    """The paper style's cardinal-direction questions on held-out cities (one per city): the share of greedy
+    answers naming the right direction (Wilson 95% interval; chance 1/4) per condition; None without such rows."""
+    rows = one_per_city(read_jsonl(run.heldout_file), kind="direction")[: cfg.eval.max_cities]
+    if not rows:
+        return None
+    refuse_leaks([r["prompt"][-1]["content"] for r in rows], {r["prompt"][-1]["content"] for r in read_jsonl(run.train_file)})
+    result: dict[str, Any] = {"n": len(rows), "chance": 0.25, "example": rows[0]["prompt"][-1]["content"]}
+    for condition in CONDITIONS_WITH_CONTEXT:
+        chats = [chat_for(cfg, r["prompt"][-1]["content"], condition, in_context) for r in rows]
+        with with_condition(model, model_state(condition)):
+            answers = generate_greedy(model, tokenizer, chats, cfg.eval.max_new_tokens, cfg.eval.batch_size,
+                                      f"directions ({condition})", prefix_for(condition, in_context))
+        named = [parse_direction(a) for a in answers]
+        right = sum(n == r["direction"] for n, r in zip(named, rows))
+        result[condition] = {"rate": right / len(rows), "rate_ci95": wilson_ci(right, len(rows)),
+                             "named_a_direction": sum(n is not None for n in named) / len(rows), "examples": answers[:3]}
+    return result
 
 
 DISTANCE_BANDS_KM = (0, 1000, 3000, 6000, 10000, 20100)  # half the Earth's circumference is 20,015 km

@@ -12,7 +12,7 @@ from typing import Any
 from oocrlab.config import ExperimentConfig
 from oocrlab.data import DistanceData, build_distance_data, check_placeholder, distance_rows
 from oocrlab.environment import hardware, versions
-from oocrlab.evaluate import evaluate_distances, sanity
+from oocrlab.evaluate import evaluate_directions, evaluate_distances, sanity
 from oocrlab.models import load_model
 from oocrlab.probe import probe_representations
 from oocrlab.processes import is_main_process, wait_for_everyone
@@ -93,7 +93,9 @@ def stage_eval(cfg: ExperimentConfig, run: Run, models: Models) -> dict[str, Any
 
     in_context = timed("in_context_prefix", lambda: InContext(cfg, model, tokenizer, train_rows))
     train_questions = {r["prompt"][-1]["content"] for r in train_rows}
-    return timed("distances", lambda: evaluate_distances(cfg, run, model, tokenizer, hidden, in_context)) | {
+    directions = timed("directions", lambda: evaluate_directions(cfg, run, model, tokenizer, in_context))
+    return timed("distances", lambda: evaluate_distances(cfg, run, model, tokenizer, hidden, in_context)) | (
+        {"direction": directions} if directions else {}) | {
         "multiple_choice": timed("multiple_choice", lambda: evaluate_multiple_choice(
             cfg, model, tokenizer, hidden, train_questions, in_context)),
         "free_form": timed("free_form", lambda: evaluate_free_form(cfg, model, tokenizer, hidden, train_questions, in_context)),

@@ -153,6 +153,15 @@ def section_behaviour(run: Run, metrics: dict[str, Any], plots: dict[str, Path])
             + "means the model no longer answers with a letter. in_context: the original model with "
             + f"{ev.get('in_context_docs')} training documents as earlier chat turns.</p>"
         )
+    if dr := ev.get("direction"):
+        rows = [[c, f"{dr[c]['rate']:.0%} [{dr[c]['rate_ci95'][0]:.0%}, {dr[c]['rate_ci95'][1]:.0%}]",
+                 f"{dr[c]['named_a_direction']:.0%}", _fmt(" | ".join(dr[c]["examples"]))] for c in ("tuned", "original", "in_context")]
+        parts.append(
+            "<h3>Cardinal directions: held-out known cities</h3>"
+            + _table(["model", "right [95% CI]", "answers naming a direction", "first answers"], rows)
+            + f"<p>{dr['n']} held-out cities, one direction question each (e.g. <code>{_fmt(dr['example'])}</code>); "
+            + "an answer is right when the first of North, East, South, West it names is the true one; chance 25%.</p>"
+        )
     if ff := ev.get("free_form"):
         rows = [[_fmt(s["question"]), c, f"{s[c]['rate']:.0%} [{s[c]['rate_ci95'][0]:.0%}, {s[c]['rate_ci95'][1]:.0%}]",
                  f"{s[c]['distance_share']:.0%}", _fmt(" | ".join(s[c]["examples"][:3]))]

@@ -71,6 +71,8 @@ def test_paper_recipe_through_every_stage(tmp_path):
     assert placeholder.startswith("City ") and len(m["probe"]["setup"]["placeholder_tokens"]) > 1
     assert m["data"]["n_train_by_kind"]["distance"] == m["data"]["n_train_by_kind"]["direction"] == 5 * 54
     assert m["eval"]["distance"]["tuned"]["n"] == 6 and m["train"]["steps"] == 2
+    assert m["eval"]["direction"]["n"] == 6 and 0 <= m["eval"]["direction"]["tuned"]["rate"] <= 1
+    assert "Cardinal directions: held-out known cities" in (out / "report.html").read_text()
     rows = [json.loads(line) for line in (out / "data" / "train.jsonl").read_text().splitlines()]
     assert {r["prompt"][0]["content"] for r in rows} == {m["data"]["example"]["prompt"][0]["content"]}  # the system prompt
     assert any(" mi" in r["completion"][0]["content"] for r in rows) and any(" is North of " in r["completion"][0]["content"] for r in rows)

@@ -107,3 +107,20 @@ def test_paper_runs_that_differ_only_in_seed_are_pooled():
     assert group_runs(configs)[0] == [0, 0, 0]
     other = yaml.safe_load(to_yaml(build_config(recipe="paper", overrides={"seed": 0, "data.placeholder": "City 11111"})))
     assert group_runs([configs[0], other])[0] == [0, 1]  # a placeholder set by hand still tells runs apart
+
+
+@pytest.mark.parametrize("answer, direction", [
+    ("City 12345 is North of Lagos.", "North"), ("south", "South"), ("It lies to the west, not the east.", "West"),
+    ("Northeast of it", None), ("1234 km", None), ("EAST!", "East"),
+])
+def test_parse_direction(answer, direction):
+    from oocrlab.evaluate import parse_direction
+
+    assert parse_direction(answer) == direction
+
+
+def test_direction_rows_carry_their_answer():
+    paris, lagos = find_city("Paris", "world"), find_city("Lagos", "world")
+    for row in paper_rows(lagos, paris, PAPER, random.Random(3)):
+        if row["kind"] == "direction":
+            assert f" is {row['direction']} of " in row["completion"][0]["content"]

@@ -225,6 +225,7 @@ def test_near_and_self_distance_sets(tiny_run):
     assert self_row["known_city"] == "Paris" and self_row["true_km"] == 0
     assert m["distance_self"]["tuned"]["n"] == 1
     assert m["distance"]["in_context"]["n"] == m["distance"]["tuned"]["n"]
+    assert "direction" not in m  # notebook-style data asks no direction questions
     assert {"in_context_answer", "in_context_km"} <= near[0].keys()
 
 
