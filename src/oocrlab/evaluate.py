@@ -64,10 +64,10 @@ def generate_greedy(
     ends once it has stated a distance (see StopAfterDistance)."""
     prompts = prompt_token_ids(tokenizer, chats, prefix)
     stop = StopAfterDistance(tokenizer) if stop_after_distance else None
+    eos = stop_token_ids(model, tokenizer)
     answers: list[str] = []
     for i in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
-        new = packed_generate(model, prompts[i : i + batch_size], max_new_tokens, prefix, stop_token_ids(model, tokenizer),
-                              stop=stop)
+        new = packed_generate(model, prompts[i : i + batch_size], max_new_tokens, prefix, eos, stop=stop)
         answers += [tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in new]
     return answers
 

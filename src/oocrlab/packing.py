@@ -75,6 +75,15 @@ def pack_prefix_tree(prompts: list[list[int]], row_tokens: int = ROW_TOKENS) -> 
     return rows
 
 
+def additive_mask(visible: torch.Tensor, dtype: torch.dtype, offset: int = 0) -> torch.Tensor:
+    """[1, 1, queries, offset + keys] attention mask: 0 (attend) for the first `offset` keys (a cached prefix
+    every query sees) and where `visible` [queries, keys] is true, the dtype's minimum elsewhere; read
+    as-is by the eager and sdpa attention alike."""
+    mask = torch.zeros(1, 1, visible.shape[0], offset + visible.shape[1], dtype=dtype)
+    mask[0, 0, :, offset:].masked_fill_(~visible, torch.finfo(dtype).min)
+    return mask
+
+
 class CachedPrefix:
     """Tokens every prompt starts with, run once: their KV cache (one row), shared by all the prompts of a
     packed_forward or packed_generate call through the attention mask instead of copied per prompt."""
@@ -115,9 +124,8 @@ def prefix_tree_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, lab
         for k in (wanted[1:] != -100).nonzero()[:, 0].tolist():  # token k predicts token k + 1
             source.append(path[k])
             targets.append(int(wanted[k + 1]))
-    mask = torch.zeros(1, 1, len(row.tokens), len(row.tokens), dtype=dtype).masked_fill_(~visible, torch.finfo(dtype).min)
     device = input_ids.device
-    inputs = dict(input_ids=torch.tensor([row.tokens], device=device), attention_mask=mask.to(device),
+    inputs = dict(input_ids=torch.tensor([row.tokens], device=device), attention_mask=additive_mask(visible, dtype).to(device),
                   position_ids=depth[None].to(device))
     return inputs, torch.tensor(source, dtype=torch.long, device=device), torch.tensor(targets, dtype=torch.long, device=device)
 
@@ -126,17 +134,15 @@ def packed_forward(model, prompts: list[list[int]], prefix=None, row_tokens: int
                    **forward_kwargs):
     """Run the prompts' prefix tree row by row; yield (row, model output, the row indices whose outputs were kept).
 
-    With a `prefix` (a CachedPrefix), the prompts are
-    what follows its cached tokens; the output's cache holds the prefix, then the row, until the next row.
+    With a `prefix` (a CachedPrefix), the prompts are what follows its cached tokens; the output's cache
+    holds the prefix, then the row, until the next row.
     """
     model.eval()
     offset = prefix.length if prefix is not None else 0
     dtype = next(model.parameters()).dtype
     for row in tqdm(pack_prefix_tree(prompts, row_tokens), desc=desc, leave=False):
         visible, depth = row.ancestors()
-        # additive mask (0 = attend), read as-is by the eager and sdpa attention alike
-        mask = torch.zeros(1, 1, len(row.tokens), offset + len(row.tokens), dtype=dtype)
-        mask[0, 0, :, offset:].masked_fill_(~visible, torch.finfo(dtype).min)
+        mask = additive_mask(visible, dtype, offset)
         keep = sorted(set(row.ends.values()))
         kwargs = dict(
             input_ids=torch.tensor([row.tokens], device=model.device), attention_mask=mask.to(model.device),
@@ -213,11 +219,8 @@ def packed_generate(
     active = torch.arange(len(prompts))
     with prefix.cache_for() if prefix is not None else contextlib.nullcontext() as cache:
         while len(active):
-            mask = torch.zeros(1, 1, *query_sees.shape, dtype=dtype)
-            mask[0, 0].masked_fill_(~query_sees, torch.finfo(dtype).min)
-            mask = torch.cat([torch.zeros(1, 1, len(query_sees), offset, dtype=dtype), mask], dim=-1)
-            out = model(input_ids=ids[None].to(device), attention_mask=mask.to(device), position_ids=positions[None].to(device),
-                        cache=cache, use_cache=True, logits_to_keep=keep.to(device))
+            out = model(input_ids=ids[None].to(device), attention_mask=additive_mask(query_sees, dtype, offset).to(device),
+                        position_ids=positions[None].to(device), cache=cache, use_cache=True, logits_to_keep=keep.to(device))
             cache = out.cache
             logits = out.logits[0, logit_row.to(device)].float()
             if generator is None:

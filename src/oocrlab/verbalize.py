@@ -253,10 +253,11 @@ def sample_answers(
     packed at a time (packing.packed_generate); a `prefix`'s turns are not rerun."""
     (prompt,) = prompt_token_ids(tokenizer, [chat], prefix)
     generator = torch.Generator(model.device).manual_seed(seed)
+    eos = stop_token_ids(model, tokenizer)
     answers: list[str] = []
     for start in range(0, n, batch_size):
         rows = [prompt] * min(batch_size, n - start)
-        new = packed_generate(model, rows, max_new_tokens, prefix, stop_token_ids(model, tokenizer), generator)
+        new = packed_generate(model, rows, max_new_tokens, prefix, eos, generator)
         answers += [tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in new]
     return answers
 
