@@ -17,6 +17,10 @@ Sections:
            (d) oocrlab's trainer with train.share_prefix off (padded rows); interleaved rounds, median step
            times; FLOPs utilization against a matmul micro-benchmark (counting the work a LoRA step needs,
            see bench_train)
+    adapters  a training step of each adapter family (lora, embedding, steering at the middle layer; oocrlab's
+           trainer, default recipe, the same batches), interleaved rounds, median step times; and, on those
+           batches, the frozen model's forward + backward down to the embeddings with no weight gradient
+           (the least any adapter's step can cost): the embedding and steering steps should cost no more
     run    the whole `oocrlab run` (default recipe) in a fresh process: wall time and peak RSS
 
 The tuned model is the embedded model with a seeded random LoRA (the default recipe's shape, B not
@@ -43,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from oocrlab import build_config
+from oocrlab.adapters import attach_adapter
 from oocrlab.config import ExperimentConfig
 from oocrlab.data import build_distance_data, check_placeholder
 from oocrlab.environment import hardware, versions
@@ -54,7 +59,7 @@ from oocrlab.train import lora_config
 from oocrlab import verbalize
 
 RESULTS = Path(__file__).with_name("results.json")
-SECTIONS = ["load", "probe", "mc", "train", "run"]
+SECTIONS = ["load", "probe", "mc", "train", "adapters", "run"]
 
 
 def median_seconds(fn, repeats: int) -> tuple[float, object]:
@@ -199,7 +204,8 @@ def matmul_gflops(device: torch.device, dtype: torch.dtype, repeats: int = 10, n
 
 
 def train_variant(cfg: ExperimentConfig, variant: str, steps: int) -> list[float]:
-    """Seconds of each optimizer step of one short training run (a fresh model and adapter)."""
+    """Seconds of each optimizer step of one short training run (a fresh model and adapter of the family
+    cfg.train.adapter; TRL's variants train LoRA)."""
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
@@ -228,8 +234,11 @@ def train_variant(cfg: ExperimentConfig, variant: str, steps: int) -> list[float
                              learning_rate=t.learning_rate, seed=cfg.seed, bf16=False, report_to="none",
                              gradient_checkpointing=variant == "trl_default")
             trainer_class = SFTTrainer
+        lora = cfg.train.adapter == "lora"
+        if not lora:
+            model = attach_adapter(cfg.train.adapter, model, tokenizer, cfg.data.placeholder, rows)
         trainer = trainer_class(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                                peft_config=lora_config(cfg.train), callbacks=[StepTimes()])
+                                peft_config=lora_config(cfg.train) if lora else None, callbacks=[StepTimes()])
         trainer.train()
         batches = list(itertools.islice(trainer.get_train_dataloader(), steps))
     return times, batches
@@ -276,6 +285,39 @@ def bench_train(cfg: ExperimentConfig, repeats: int, steps: int) -> dict:
     }
 
 
+def frozen_forward_backward(model, batch) -> None:
+    """The frozen model's forward and backward on a batch as oocrlab's trainer runs it (one prefix-tree row,
+    the LM head at the completion positions only), the gradient taken down to the embeddings' output and
+    no weight's: what the embedding adapter's step cannot avoid (a steering vector's backward stops at its layer)."""
+    inputs, source, targets = prefix_tree_batch(batch["input_ids"], batch["attention_mask"], batch["labels"], model.dtype)
+    embeds = model.get_input_embeddings()(inputs.pop("input_ids")).detach().requires_grad_()
+    out = model(inputs_embeds=embeds, **inputs, use_cache=False, output_hidden_states=True,
+                logits_to_keep=torch.empty(0, dtype=torch.long, device=model.device))
+    logits = model.get_output_embeddings()(out.hidden_states[-1][0, source]).float()
+    F.cross_entropy(logits, targets).backward()
+
+
+def bench_adapters(repeats: int, steps: int) -> dict:
+    """Interleaved rounds of a short training per adapter family (the first two steps of each are warm-up, left
+    out), then the frozen model's forward + backward on the same batches."""
+    model, _ = load_model(build_config().model)
+    families = ("lora", "embedding", f"steering:{model.config.num_hidden_layers // 2}")
+    step_times: dict[str, list[float]] = {f: [] for f in families}
+    for _ in range(repeats):
+        for family in families:
+            times, batches = train_variant(build_config(overrides={"train.adapter": family}), "ours", steps)
+            step_times[family] += times[2:]
+    model.requires_grad_(False)
+    model.train()  # as in training (the default recipe has no dropout)
+    frozen, _ = median_seconds(lambda: [frozen_forward_backward(model, batch) for batch in batches[2:]], repeats)
+    out = {"adapters_recipe": "default", "adapters_frozen_forward_backward_seconds": frozen / len(batches[2:])}
+    for family in families:
+        key = family.partition(":")[0]
+        out[f"adapters_seconds_per_step_{key}"] = statistics.median(step_times[family])
+        out[f"adapters_step_over_frozen_{key}"] = out[f"adapters_seconds_per_step_{key}"] / out["adapters_frozen_forward_backward_seconds"]
+    return out
+
+
 def bench_run() -> dict:
     """`oocrlab run` with the default recipe in a fresh process, timed by GNU time (wall and peak RSS)."""
     with tempfile.TemporaryDirectory() as scratch:
@@ -312,6 +354,8 @@ def main() -> None:
             results |= bench_mc(cfg, args.repeats, args.mc_samples)
         elif section == "train":
             results |= bench_train(build_config(recipe="notebook"), args.repeats, args.train_steps)
+        elif section == "adapters":
+            results |= bench_adapters(args.repeats, args.train_steps)
         elif section == "run":
             results |= bench_run()
         with tempfile.NamedTemporaryFile("w", dir=RESULTS.parent, delete=False) as f:

@@ -77,6 +77,8 @@ class ExperimentArgs:
     seed: int | None = _flag("seed for data sampling, adapter init and data order", key="seed")
     max_steps: int | None = _flag("cap on optimizer steps, for smoke runs", key="train.max_steps")
     quantization: str | None = _flag("load the model in 8bit or 4bit (bitsandbytes, CUDA only)", key="model.quantization")
+    adapter: str | None = _flag("what is trained: lora | embedding (the placeholder's embedding rows) | steering:L (a vector "
+                                "at the placeholder entering decoder layer L); default lora", key="train.adapter")
     lora_layers: str | None = _flag("decoder layers that get LoRA: 6, 4-8 or 0,3,5 (default: all)", key="train.lora_layers",
                                     convert=parse_layers)
     set: list[str] = _flag("any config key: SECTION.KEY=VALUE (repeatable)", default_factory=list, action="append")
@@ -109,7 +111,7 @@ class CompareArgs:
 COMMANDS = {
     "run": (ExperimentArgs, "every stage, end to end, into a new run directory"),
     "data": (ExperimentArgs, "create a run directory with its dataset only"),
-    "train": (StageArgs, "LoRA fine-tuning of an existing run"),
+    "train": (StageArgs, "adapter fine-tuning of an existing run (LoRA, embedding rows or a steering vector)"),
     "sanity": (StageArgs, "greedy answers, tuned vs original"),
     "eval": (StageArgs, "held-out distance error, tuned vs original vs constant guess"),
     "probe": (StageArgs, "per-layer similarity of placeholder and hidden city"),

@@ -18,7 +18,7 @@ from oocrlab.probe import probe_representations
 from oocrlab.processes import is_main_process, wait_for_everyone
 from oocrlab.report import write_report
 from oocrlab.rundir import Run, read_jsonl, write_jsonl
-from oocrlab.train import check_lengths, check_lora_layers, load_adapter, require_adapter, train
+from oocrlab.train import check_lengths, check_layers, load_adapter, require_adapter, train
 from oocrlab.incontext import InContext
 from oocrlab.verbalize import evaluate_free_form, evaluate_multiple_choice
 
@@ -169,7 +169,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, stages: tuple[str, ..
     if "train" in stages:
         model, tokenizer = models.base()
         check_lengths(tokenizer, data.train, cfg.train.max_length)
-        check_lora_layers(cfg.train, model)
+        check_layers(cfg.train, model)
     wait_for_everyone()  # no process checks --out after the main one has created it
     run = Run.create(out, cfg) if is_main_process() else Run(Path(out))
     models.run = run

@@ -180,8 +180,12 @@ def caveats(config: dict[str, Any], metrics: dict[str, Any]) -> list[str]:
                      "in far larger models, so a null result here says little about them.")
     items.append(f"One hidden city ({config['data']['hidden_city']}) and one placeholder ({config['data']['placeholder']!r}).")
     t = config["train"]
-    items.append(f"One adapter: LoRA r={t['lora_r']} on {', '.join(t['lora_targets'])}; Wang, Engels et al. 2025 find OOCR "
-                 "with single-layer adapters where all-layer LoRA shows none.")
+    adapter = t.get("adapter", "lora")  # runs made before train.adapter existed trained LoRA
+    trained = {"lora": f"LoRA r={t['lora_r']} on {', '.join(t['lora_targets'])}",
+               "embedding": "the input-embedding rows of the placeholder's tokens"}.get(
+        adapter, f"a steering vector at the placeholder entering decoder layer {adapter.partition(':')[2]}")
+    items.append(f"One adapter: {trained}; Wang, Engels et al. 2025 find OOCR with single-layer adapters where all-layer "
+                 "LoRA shows none.")
     if config["eval"]["mc_orders"] < 120:
         items.append(f"Multiple choice averaged over {config['eval']['mc_orders']} of the 120 option orders.")
     if t.get("max_steps"):

@@ -1,4 +1,5 @@
-"""LoRA SFT through TRL's SFTTrainer + PEFT on the prompt-completion data (loss on the completion only).
+"""SFT through TRL's SFTTrainer on the prompt-completion data (loss on the completion only), of a LoRA adapter
+(PEFT) or of one of adapters.py's (the placeholder's embedding rows, a steering vector): `train.adapter`.
 
 Settings TRL 1.x changes from the HF Trainer, set back here on purpose: bf16 only where the GPU has it
 (TRL's default bf16=True fails on a CPU) and no gradient checkpointing (twice as slow for a small
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from oocrlab.adapters import HookAdapter, attach_adapter, is_hook_adapter, load_hook_adapter, parse_adapter
 from oocrlab.config import ExperimentConfig, TrainConfig
 from oocrlab.errors import UserError
 from oocrlab.packing import prefix_tree_batch
@@ -138,14 +140,30 @@ def completion_loss_trainer(share_prefix: bool):
             self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
             return loss
 
+        # A HookAdapter is neither a PreTrainedModel nor a PeftModel: the Trainer would save the whole model's
+        # state dict into every checkpoint and could not load it back. Its checkpoints hold the adapter alone.
+        def _save(self, output_dir=None, state_dict=None):
+            if not isinstance(self.model, HookAdapter):
+                return super()._save(output_dir, state_dict)
+            if self.args.should_save:
+                self.model.save_pretrained(output_dir or self.args.output_dir)
+
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            if not isinstance(self.model, HookAdapter):
+                return super()._load_from_checkpoint(resume_from_checkpoint, model)
+            self.model.load_weights(Path(resume_from_checkpoint))
+
     return CompletionLoss
 
 
-def check_lora_layers(cfg: TrainConfig, model) -> None:
-    """Refuse LoRA layers the model does not have, before anything is written."""
+def check_layers(cfg: TrainConfig, model) -> None:
+    """Refuse decoder layers (LoRA's, the steering vector's) the model does not have, before anything is written."""
     n = model.config.get_text_config().num_hidden_layers
     if cfg.lora_layers is not None and max(cfg.lora_layers) >= n:
         raise UserError(f"train.lora_layers asks for layer {max(cfg.lora_layers)}, but the model has layers 0-{n - 1}")
+    layer = parse_adapter(cfg.adapter)[1]
+    if layer is not None and layer >= n:
+        raise UserError(f"train.adapter {cfg.adapter} asks for decoder layer {layer}, but the model has layers 0-{n - 1}")
 
 
 def check_lengths(tokenizer, rows: list[dict[str, Any]], max_length: int) -> None:
@@ -166,7 +184,7 @@ def save_adapter(model, target: Path) -> None:
         raise UserError(f"{target} already exists; nothing was overwritten: train into a new run (oocrlab run --out NEW)")
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".adapter."))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp)  # safetensors (PEFT's default)
         tmp.rename(target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -200,8 +218,9 @@ def last_checkpoint(directory: Path) -> Path | None:
 
 
 def train(cfg: ExperimentConfig, run: Run, model, tokenizer) -> tuple[dict[str, Any], Any]:
-    """Fine-tune `model` with a fresh LoRA adapter, or continue the run's last checkpoint when an earlier
-    training of this run was interrupted; returns (metrics, the PeftModel)."""
+    """Fine-tune a fresh adapter of the `train.adapter` family on `model`, or continue the run's last
+    checkpoint when an earlier training of this run was interrupted; returns (metrics, the adapted model: a
+    PeftModel or a HookAdapter)."""
     from datasets import Dataset
     from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 
@@ -210,7 +229,7 @@ def train(cfg: ExperimentConfig, run: Run, model, tokenizer) -> tuple[dict[str, 
         raise UserError(f"{run.adapter_dir} already exists; nothing was overwritten: train into a new run (oocrlab run --out NEW)")
     rows = read_jsonl(run.train_file)
     check_lengths(tokenizer, rows, cfg.train.max_length)
-    check_lora_layers(cfg.train, model)
+    check_layers(cfg.train, model)
     dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
 
     class LossBar(TrainerCallback):
@@ -241,12 +260,13 @@ def train(cfg: ExperimentConfig, run: Run, model, tokenizer) -> tuple[dict[str, 
     resume = last_checkpoint(run.checkpoints_dir)
     # read now: the Trainer deletes this checkpoint once it has saved a later one
     resumed = json.loads((resume / TRAINER_STATE).read_text(encoding="utf-8")) if resume else {}
+    lora = parse_adapter(cfg.train.adapter)[0] == "lora"
     trainer = completion_loss_trainer(cfg.train.share_prefix)(
-        model=model,
+        model=model if lora else attach_adapter(cfg.train.adapter, model, tokenizer, cfg.data.placeholder, rows),
         args=sft_config(cfg, run.checkpoints_dir, model.dtype),
         train_dataset=dataset,
         processing_class=tokenizer,
-        peft_config=lora_config(cfg.train),
+        peft_config=lora_config(cfg.train) if lora else None,
         callbacks=[LossBar()],
     )
     trainer.remove_callback(ProgressCallback)
@@ -266,12 +286,12 @@ def train(cfg: ExperimentConfig, run: Run, model, tokenizer) -> tuple[dict[str, 
                         "no adapter was saved"
                         + (f" (the last good checkpoint is {kept})" if kept else "")
                         + f": lower train.learning_rate (now {cfg.train.learning_rate:g}) or use float32 (model.dtype)")
-    peft_model = trainer.model
-    peft_model.eval()
+    tuned = trainer.model
+    tuned.eval()
     if is_main_process():
-        save_adapter(peft_model, run.adapter_dir)
+        save_adapter(tuned, run.adapter_dir)
         write_jsonl(run.train_log, log)
-    trainable, total = count_parameters(peft_model)
+    trainable, total = count_parameters(tuned)
     tokens = int(trainer.state.num_input_tokens_seen) - int(resumed.get("num_input_tokens_seen", 0))  # this call's
     metrics = {
         "loss_first": log[0]["loss"],
@@ -284,28 +304,32 @@ def train(cfg: ExperimentConfig, run: Run, model, tokenizer) -> tuple[dict[str, 
         "tokens_seen": tokens,
         "tokens_per_second": tokens / seconds,
         "samples_per_second": result.metrics["train_samples_per_second"],
+        "adapter": cfg.train.adapter,
         "trainable_parameters": trainable,
         "total_parameters": total,
         "device": str(model.device),
         "dtype": str(model.dtype).removeprefix("torch."),
     }
-    return metrics, peft_model
+    return metrics, tuned
 
 
 def require_adapter(adapter_dir: Path) -> None:
     """Refuse early (before loading any model) when a run has no safetensors adapter."""
     if not (adapter_dir / "adapter_config.json").is_file() or not (adapter_dir / "adapter_model.safetensors").is_file():
-        raise UserError(f"{adapter_dir} holds no safetensors LoRA adapter: run `oocrlab train` on the run first")
+        raise UserError(f"{adapter_dir} holds no safetensors adapter: run `oocrlab train` on the run first")
 
 
 def load_adapter(model, adapter_dir: Path):
-    """The base model with the run's adapter; safetensors only, and a clear line when it is damaged."""
+    """The base model with the run's adapter (a LoRA PeftModel or a HookAdapter, as its adapter_config.json
+    says); safetensors only, and a clear line when it is damaged."""
     from peft import PeftModel
 
     require_adapter(adapter_dir)
     try:
-        peft_model = PeftModel.from_pretrained(model, adapter_dir)
+        tuned = load_hook_adapter(model, adapter_dir) if is_hook_adapter(adapter_dir) else PeftModel.from_pretrained(model, adapter_dir)
+    except UserError:
+        raise
     except Exception as e:
         raise UserError(f"the adapter in {adapter_dir} is corrupt or does not fit this model ({type(e).__name__}): retrain it") from None
-    peft_model.eval()
-    return peft_model
+    tuned.eval()
+    return tuned

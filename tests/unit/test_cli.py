@@ -62,7 +62,7 @@ def test_stage_before_its_input_exists(tmp_path, capsys):
     assert main(["data", "--out", str(tmp_path / "r")]) == 0
     capsys.readouterr()
     code, err = run_cli(capsys, "sanity", str(tmp_path / "r"))
-    assert code == 2 and "holds no safetensors LoRA adapter" in err[0]
+    assert code == 2 and "holds no safetensors adapter" in err[0]
 
 
 def test_model_without_chat_template_is_refused(tmp_path, capsys):
