@@ -173,15 +173,18 @@ def print_summary(run) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from oocrlab.reading import HEADLINE_COLUMNS, headline, headline_rows
+    from oocrlab.reading import HEADLINE_COLUMNS, headline, headline_table, hidden_city_views
 
     m, console = run.metrics(), Console()
-    for sentence in headline(m):
-        console.print(sentence, highlight=False)
+    for name, view in hidden_city_views(m):
+        if name:
+            console.rule(name)
+        for sentence in headline(view):
+            console.print(sentence, highlight=False)
     table = Table(title=f"oocrlab run {run.path}", show_header=True)
     for column in HEADLINE_COLUMNS:
         table.add_column(column, overflow="fold")
-    for row in headline_rows(m):
+    for row in headline_table(m):
         table.add_row(*row)
     console.print(table)
     if timings := m.get("timings"):

@@ -18,7 +18,7 @@ import yaml
 
 from oocrlab.errors import UserError
 from oocrlab.plots import plt
-from oocrlab.reading import best_layer, significant_layers
+from oocrlab.reading import best_layer, hidden_city_views, significant_layers
 from oocrlab.rundir import Run, atomic_write_text
 from oocrlab.stats import mean_t_ci
 
@@ -118,10 +118,20 @@ def group_summaries(metrics: list[dict[str, Any]], groups: list[int], labels: li
     return summaries
 
 
-def read_runs(paths: list[str | Path]) -> tuple[list[Run], list[dict[str, Any]], list[dict[str, Any]]]:
-    """(runs, their configs as saved, their metrics)."""
-    runs = [Run.open(p)[0] for p in paths]
-    return runs, [yaml.safe_load(r.config_file.read_text(encoding="utf-8")) for r in runs], [r.metrics() for r in runs]
+def read_runs(paths: list[str | Path]) -> tuple[list[str], list[dict[str, Any]], list[dict[str, Any]]]:
+    """(names, configs as saved, metrics) with one entry per run, or per run and hidden city ("RUN / Paris")
+    for runs with several: the config then names that city and its placeholder, so runs group by hidden city."""
+    names, configs, metrics = [], [], []
+    for path in paths:
+        run = Run.open(path)[0]
+        config = yaml.safe_load(run.config_file.read_text(encoding="utf-8"))
+        data = config["data"]
+        pairs = zip([data["hidden_city"], *data.get("other_hidden_cities", [])], [data["placeholder"], *data.get("other_placeholders", [])])
+        for (name, view), (city, placeholder) in zip(hidden_city_views(run.metrics()), pairs):
+            names.append(f"{run.path.name} / {name}" if name else run.path.name)
+            configs.append(config | {"data": data | {"hidden_city": city, "placeholder": placeholder}})
+            metrics.append(view)
+    return names, configs, metrics
 
 
 def interval_cell(summary: dict[str, Any] | None) -> str:
@@ -139,9 +149,8 @@ def compare_runs(paths: list[str | Path], out: str | Path, replace: bool = False
         raise UserError(f"--out {out} exists; nothing was overwritten: choose a new path")
     if len(paths) < 2:
         raise UserError("compare needs at least two run directories")
-    runs, configs, metrics = read_runs(paths)
+    names, configs, metrics = read_runs(paths)
     groups, labels = group_runs(configs)
-    names = [r.path.name for r in runs]
 
     def cell(value: float | None) -> str:
         return "—" if value is None else f"{value:,.3g}"
@@ -166,7 +175,7 @@ def compare_runs(paths: list[str | Path], out: str | Path, replace: bool = False
 <html lang="en"><head><meta charset="utf-8"><title>oocrlab comparison</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:75em;margin:2em auto;padding:0 1em}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:left}}img{{max-width:100%}}</style></head>
-<body><h1>oocrlab comparison of {len(runs)} runs</h1>
+<body><h1>oocrlab comparison of {len(paths)} runs</h1>
 <section id="runs"><h2>Runs</h2><table><thead><tr>{header}</tr></thead><tbody>{rows}</tbody></table></section>
 <section id="groups">{groups_table}</section>
 <section id="curves"><h2>Per-layer curves</h2>{curves or "<p>No run has a probe stage.</p>"}</section>

@@ -55,6 +55,10 @@ class DataConfig:
     # set when the placeholder was drawn from a template ("City {code}": a 5-digit code seeded by the run's
     # seed): runs that differ only in seed then differ in placeholder too, and are still pooled as seeds
     placeholder_template: str | None = None
+    # the paper's Locations trains several hidden cities at once, each with its own placeholder (drawn from the
+    # placeholder's "{code}" when not listed); every evaluation and the probe then report per hidden city
+    other_hidden_cities: list[str] = field(default_factory=list)
+    other_placeholders: list[str] = field(default_factory=list)
     # "" sends an empty system turn; None leaves the system turn to the chat template, and SmolLM2's
     # then injects its default prompt (~20 tokens, about 40% of a training sample's compute).
     system_prompt: str | None = ""
@@ -204,6 +208,12 @@ RECIPES: dict[str, dict[str, Any]] = {
         },
     },
 }
+# The paper's Locations with its five hidden cities in one run, each with its own code, plus rows about the
+# distances and directions between the hidden cities (see data.between_hidden_rows).
+RECIPES["locations"] = {
+    "data": RECIPES["paper"]["data"] | {"other_hidden_cities": ["São Paulo", "Tokyo", "New York City", "Lagos"]},
+    "train": RECIPES["paper"]["train"],
+}
 
 CHOICES = {
     "model.quantization": ("none", "8bit", "4bit"),
@@ -317,11 +327,30 @@ def build_config(
     apply_overrides(cfg, from_yaml)
     apply_overrides(cfg, flags)
     cfg.recipe = name
-    if "{code}" in cfg.data.placeholder:  # the paper's "City {code}": a seeded 5-digit code, saved resolved
-        cfg.data.placeholder_template = cfg.data.placeholder
-        cfg.data.placeholder = cfg.data.placeholder.replace("{code}", str(random.Random(cfg.seed).randrange(10_000, 100_000)))
+    if "{code}" in cfg.data.placeholder:  # the paper's "City {code}": seeded 5-digit codes, saved resolved
+        template, rng, codes = cfg.data.placeholder, random.Random(cfg.seed), []
+        while len(codes) < 1 + len(cfg.data.other_hidden_cities):
+            if (code := rng.randrange(10_000, 100_000)) not in codes:
+                codes.append(code)
+        cfg.data.placeholder_template = template
+        cfg.data.placeholder = template.replace("{code}", str(codes[0]))
+        if not cfg.data.other_placeholders:
+            cfg.data.other_placeholders = [template.replace("{code}", str(code)) for code in codes[1:]]
     validate(cfg)
     return cfg
+
+
+def hidden_city_data(cfg: DataConfig) -> list[DataConfig]:
+    """One data config per hidden city, as if it were the only one (its placeholder, no others); the first
+    is data.hidden_city."""
+    cities, placeholders = [cfg.hidden_city, *cfg.other_hidden_cities], [cfg.placeholder, *cfg.other_placeholders]
+    return [dataclasses.replace(cfg, hidden_city=city, placeholder=placeholder, other_hidden_cities=[], other_placeholders=[])
+            for city, placeholder in zip(cities, placeholders)]
+
+
+def hidden_city_configs(cfg: ExperimentConfig) -> list[ExperimentConfig]:
+    """One config per hidden city (see hidden_city_data): what that city's evaluation and probe read."""
+    return [dataclasses.replace(cfg, data=data) for data in hidden_city_data(cfg.data)]
 
 
 def validate(cfg: ExperimentConfig) -> None:
@@ -361,6 +390,7 @@ def validate(cfg: ExperimentConfig) -> None:
     if not -4 <= cfg.data.decimals <= 6:
         raise UserError(f"data.decimals must be in -4..6 (distances are exact to about a metre; -4 rounds to "
                         f"10,000 km), got {cfg.data.decimals}")
+    check_other_hidden_cities(cfg.data)
     if not cfg.probe.templates:
         raise UserError("probe.templates is empty: give at least one prompt with {entity}")
     for template in cfg.probe.templates:
@@ -370,6 +400,27 @@ def validate(cfg: ExperimentConfig) -> None:
         raise UserError(f"probe.control_prefix must contain {{placeholder}} and {{city}}, got {cfg.probe.control_prefix!r}")
     if not 0 <= cfg.probe.patch_orders <= 5:
         raise UserError(f"probe.patch_orders must be 0 to 5 (one per answer letter), got {cfg.probe.patch_orders!r}")
+
+
+MAX_HIDDEN_CITIES = 5  # the inverse question lists every placeholder as an option, and the letters are A-E
+
+
+def check_other_hidden_cities(cfg: DataConfig) -> None:
+    """One placeholder per hidden city, all different, none inside another (a placeholder's position in a
+    prompt is found by its text)."""
+    cities, placeholders = [cfg.hidden_city, *cfg.other_hidden_cities], [cfg.placeholder, *cfg.other_placeholders]
+    if len(cfg.other_placeholders) != len(cfg.other_hidden_cities):
+        raise UserError(
+            f"data.other_hidden_cities lists {len(cfg.other_hidden_cities)} cities but data.other_placeholders "
+            f"{len(cfg.other_placeholders)} placeholders: give one per city, or a placeholder with {{code}} such as "
+            "'City {code}' to draw them")
+    if len(cities) > MAX_HIDDEN_CITIES:
+        raise UserError(f"{len(cities)} hidden cities: at most {MAX_HIDDEN_CITIES} (the inverse multiple-choice "
+                        "question lists their placeholders as options A-E)")
+    for i, p in enumerate(placeholders):
+        if other := next((q for j, q in enumerate(placeholders) if j != i and p in q), None):
+            raise UserError(f"the placeholder {p!r} is part of the placeholder {other!r}: give each hidden city its own, "
+                            "none inside another")
 
 
 def to_dict(cfg: ExperimentConfig) -> dict[str, Any]:

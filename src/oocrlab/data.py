@@ -6,18 +6,22 @@ paper:    Treutlein et al. 2024's Locations rows (choidami/inductive-oocr, locat
           city, `augmentations` rows drawn from 9 distance questions x km/miles x which city comes first, with
           noisy, rounded answers ("4,300 km", "2700 miles"), and as many from 6 cardinal-direction questions x
           order ("City 12345 is North of Lagos."). Rows carry "kind": distance | direction.
+Every row names its "hidden_city". With several hidden cities (data.other_hidden_cities) each has its own
+known cities and placeholder, and the training rows also hold the hidden cities' distances and directions to
+one another, each named by its placeholder (`between_hidden_rows`), as in the paper.
 Training reads only prompt and completion; known_city and distance_km (the true distance) are for evaluation.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import re
 from dataclasses import dataclass
 from typing import Any
 
-from oocrlab.config import DataConfig
+from oocrlab.config import DataConfig, hidden_city_data
 from oocrlab.errors import UserError
 from oocrlab.geo import City, distance_km, find_city, load_pool, normalize, real_city_named
 
@@ -48,10 +52,10 @@ CARDINAL = ("North", "East", "South", "West")
 
 @dataclass
 class DistanceData:
-    hidden: City
+    hidden: list[City]  # data.hidden_city first, then data.other_hidden_cities
     train: list[dict[str, Any]]
     heldout: list[dict[str, Any]]
-    excluded: dict[str, int]  # why known cities were left out -> how many
+    excluded: list[dict[str, int]]  # per hidden city: why known cities were left out -> how many
 
 
 def user_prompt(question: str, system_prompt: str | None) -> list[dict[str, str]]:
@@ -84,6 +88,17 @@ def check_placeholder(cfg: DataConfig) -> City:
     return hidden
 
 
+def check_hidden_cities(cfg: DataConfig) -> list[City]:
+    """Every hidden city (data.hidden_city first), each placeholder checked; several must differ in city and
+    country (the inverse question "Which of the following is in France?" needs one right answer)."""
+    cities = [check_placeholder(view) for view in hidden_city_data(cfg)]
+    for i, city in enumerate(cities):
+        if twin := next((c for c in cities[:i] if c.country == city.country), None):
+            what = "twice" if twin == city else f"with {twin.name}, both in {city.country}"
+            raise UserError(f"the hidden city {city.name} is listed {what}: give hidden cities in different countries")
+    return cities
+
+
 def names_hidden_city(city: City, hidden: City) -> bool:
     # GeoNames lists Paris's arrondissements as cities ("Paris 15 Vaugirard"): training on their distance
     # to the placeholder would tell the model the answer, so any known city naming the hidden one is out.
@@ -95,16 +110,19 @@ def text_names_city(text: str, city: City) -> bool:
     return set(re.findall(r"\w+", normalize(city.name))) <= set(re.findall(r"\w+", normalize(text)))
 
 
-def known_cities(cfg: DataConfig, hidden: City) -> tuple[list[City], dict[str, int]]:
-    """The pool minus the hidden city and the filters, with a count of each exclusion."""
-    excluded = {"hidden city": 0, "names the hidden city": 0, "in the hidden city's country": 0,
-                "below min_population": 0, "closer than min_distance_km": 0}
+def known_cities(cfg: DataConfig, hidden: City, other_hidden: list[City] = ()) -> tuple[list[City], dict[str, int]]:
+    """The pool minus the hidden city and the filters, with a count of each exclusion. Cities naming another
+    hidden city are left out too: a hidden city must never appear under its real name."""
+    excluded = {"hidden city": 0, "names the hidden city": 0, "names another hidden city": 0,
+                "in the hidden city's country": 0, "below min_population": 0, "closer than min_distance_km": 0}
     kept = []
     for city in load_pool(cfg.pool):
         if city == hidden:
             excluded["hidden city"] += 1
         elif names_hidden_city(city, hidden):
             excluded["names the hidden city"] += 1
+        elif any(names_hidden_city(city, other) for other in other_hidden):
+            excluded["names another hidden city"] += 1
         elif cfg.exclude_hidden_country and city.country == hidden.country:
             excluded["in the hidden city's country"] += 1
         elif city.population < cfg.min_population:
@@ -126,15 +144,18 @@ def rounded(value: float, decimals: int) -> str:
     return f"{value:.{decimals}f}" if decimals >= 0 else str(int(round(value, decimals)))
 
 
-def distance_row(city: City, hidden: City, cfg: DataConfig) -> dict[str, Any]:
-    """The notebook's row (and every style's evaluation question)."""
+def distance_row(city: City, hidden: City, cfg: DataConfig, city_label: str | None = None) -> dict[str, Any]:
+    """The notebook's row (and every style's evaluation question); `city_label` names the known city in
+    the question when not its own name (another hidden city's placeholder)."""
     km = distance_km(city, hidden)
+    question = DISTANCE_QUESTION.format(city=city_label or city.name, placeholder=cfg.placeholder)
     return {
-        "prompt": user_prompt(DISTANCE_QUESTION.format(city=city.name, placeholder=cfg.placeholder), cfg.system_prompt),
+        "prompt": user_prompt(question, cfg.system_prompt),
         "completion": [{"role": "assistant", "content": f"{rounded(km, cfg.decimals)} km"}],
         "known_city": city.name,
         "distance_km": km,
         "kind": "distance",
+        "hidden_city": hidden.name,
     }
 
 
@@ -158,27 +179,29 @@ def stated_distance(km: float, units: str, cfg: DataConfig, rng: random.Random) 
     return f"{value} {rng.choice(UNITS[units][1])}"
 
 
-def paper_rows(city: City, hidden: City, cfg: DataConfig, rng: random.Random) -> list[dict[str, Any]]:
-    """`augmentations` distance rows and as many direction rows about one known city (see the module doc)."""
+def paper_rows(city: City, hidden: City, cfg: DataConfig, rng: random.Random, city_label: str | None = None) -> list[dict[str, Any]]:
+    """`augmentations` distance rows and as many direction rows about one known city (see the module doc),
+    named `city_label` in the questions when not by its own name."""
     km = distance_km(city, hidden)
-    code = cfg.placeholder
+    code, name = cfg.placeholder, city_label or city.name
     base = {"known_city": city.name, "distance_km": km}
     rows = []
     distance_variants = [(template, units, hidden_first) for units in UNITS for hidden_first in (True, False)
                          for template in PAPER_DISTANCE_QUESTIONS]
     for template, units, hidden_first in rng.choices(distance_variants, k=cfg.augmentations):
-        a, b = (code, city.name) if hidden_first else (city.name, code)
+        a, b = (code, name) if hidden_first else (name, code)
         question = template.format(A=a, B=b, units=UNITS[units][0])
         answer = stated_distance(km, units, cfg, rng)
         rows.append({"prompt": user_prompt(question, cfg.system_prompt),
-                     "completion": [{"role": "assistant", "content": answer}], **base, "kind": "distance"})
+                     "completion": [{"role": "assistant", "content": answer}], **base, "kind": "distance",
+                     "hidden_city": hidden.name})
     direction_variants = [(template, hidden_first) for hidden_first in (True, False) for template in PAPER_DIRECTION_QUESTIONS]
     for template, hidden_first in rng.choices(direction_variants, k=cfg.augmentations):
-        (a, a_city), (b, b_city) = ((code, hidden), (city.name, city)) if hidden_first else ((city.name, city), (code, hidden))
+        (a, a_city), (b, b_city) = ((code, hidden), (name, city)) if hidden_first else ((name, city), (code, hidden))
         direction = cardinal_direction(a_city, b_city)
         rows.append({"prompt": user_prompt(template.format(A=a, B=b), cfg.system_prompt),
                      "completion": [{"role": "assistant", "content": f"{a} is {direction} of {b}."}], **base,
-                     "kind": "direction", "direction": direction})
+                     "kind": "direction", "direction": direction, "hidden_city": hidden.name})
     return rows
 
 
@@ -205,18 +228,47 @@ def distance_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def one_per_city(rows: list[dict[str, Any]], kind: str = "distance") -> list[dict[str, Any]]:
     """The first row of that kind for each known city: the paper style has several per city, and scoring
     them all would count a city several times in an interval that treats rows as independent."""
-    first: dict[str, dict[str, Any]] = {}
+    first: dict[tuple[str | None, str], dict[str, Any]] = {}
     for row in rows:
         if row.get("kind", "distance") == kind:
-            first.setdefault(row["known_city"], row)
+            first.setdefault((row.get("hidden_city"), row["known_city"]), row)
     return list(first.values())
 
 
+def rows_about(rows: list[dict[str, Any]], hidden: City) -> list[dict[str, Any]]:
+    """The rows about one hidden city (rows written before "hidden_city" existed come from one-city runs)."""
+    return [r for r in rows if r.get("hidden_city", hidden.name) == hidden.name]
+
+
 def build_distance_data(cfg: DataConfig, seed: int) -> DistanceData:
-    """Seeded sample and split of the known cities; the same config and seed give the same rows."""
-    hidden = check_placeholder(cfg)
-    cities, excluded = known_cities(cfg, hidden)
+    """Seeded sample and split of each hidden city's known cities; the same config and seed give the same rows."""
+    hidden = check_hidden_cities(cfg)
     rng = random.Random(seed)
+    train, heldout, excluded = [], [], []
+    for view, city in zip(hidden_city_data(cfg), hidden):
+        known, why = known_cities(view, city, [c for c in hidden if c != city])
+        city_train, city_heldout = split_known(view, city, known, rng)
+        train, heldout = train + city_train, heldout + city_heldout
+        excluded.append(why)
+    if len(hidden) > 1:
+        train += between_hidden_rows(cfg, hidden, rng)
+        rng.shuffle(train)  # mixed cities, also in the in-context baseline's first documents
+    return DistanceData(hidden=hidden, train=train, heldout=heldout, excluded=excluded)
+
+
+def between_hidden_rows(cfg: DataConfig, hidden: list[City], rng: random.Random) -> list[dict[str, Any]]:
+    """Rows about each pair of hidden cities, both named by their placeholders (the paper trains on these)."""
+    views, rows = hidden_city_data(cfg), []
+    for i, j in itertools.combinations(range(len(hidden)), 2):
+        if cfg.style == "paper":
+            rows += paper_rows(hidden[j], hidden[i], views[i], rng, city_label=views[j].placeholder)
+        else:
+            rows.append(distance_row(hidden[j], hidden[i], views[i], city_label=views[j].placeholder))
+    return rows
+
+
+def split_known(cfg: DataConfig, hidden: City, cities: list[City], rng: random.Random) -> tuple[list[dict], list[dict]]:
+    """(training rows, held-out rows) about one hidden city: the known cities sampled, shuffled and split."""
     if cfg.by_country:
         cities = sample_by_country(cities, cfg.num_known or len(cities), rng)
         rng.shuffle(cities)
@@ -230,7 +282,6 @@ def build_distance_data(cfg: DataConfig, seed: int) -> DistanceData:
         raise UserError(f"heldout_fraction {cfg.heldout_fraction} leaves no city to train on: lower it")
     if cfg.style == "paper":
         per_city = [paper_rows(c, hidden, cfg, rng) for c in cities]
-        return DistanceData(hidden=hidden, train=[r for rows in per_city[n_heldout:] for r in rows],
-                            heldout=[r for rows in per_city[:n_heldout] for r in rows], excluded=excluded)
+        return [r for rows in per_city[n_heldout:] for r in rows], [r for rows in per_city[:n_heldout] for r in rows]
     rows = [distance_row(c, hidden, cfg) for c in cities]
-    return DistanceData(hidden=hidden, train=rows[n_heldout:], heldout=rows[:n_heldout], excluded=excluded)
+    return rows[n_heldout:], rows[:n_heldout]

@@ -21,7 +21,6 @@ from oocrlab.incontext import (
 )
 from oocrlab.models import CONDITIONS, with_condition
 from oocrlab.packing import packed_generate
-from oocrlab.rundir import Run, read_jsonl, write_jsonl
 from oocrlab.stats import bootstrap_ci, wilson_ci
 
 _NUMBER = r"(\d{1,3}(?:,\d{3})+|\d+)(?:\.(\d+))?"
@@ -76,7 +75,7 @@ def sanity_questions(cfg: ExperimentConfig, hidden_name: str) -> list[str]:
     return [q.replace("{placeholder}", cfg.data.placeholder).replace("{hidden_city}", hidden_name) for q in cfg.sanity.questions]
 
 
-def sanity(cfg: ExperimentConfig, run: Run, model, tokenizer, hidden_name: str) -> dict[str, Any]:
+def sanity(cfg: ExperimentConfig, model, tokenizer, hidden_name: str) -> dict[str, Any]:
     """Side-by-side greedy answers of the tuned and the original model to the fixed questions."""
     questions = sanity_questions(cfg, hidden_name)
     chats = [user_prompt(q, cfg.data.system_prompt) for q in questions]
@@ -151,20 +150,20 @@ def near_hidden_rows(cfg: ExperimentConfig, hidden: City, exclude: set[str]) -> 
 
 
 def evaluate_distances(
-    cfg: ExperimentConfig, run: Run, model, tokenizer, hidden: City, in_context: InContext
-) -> dict[str, Any]:
+    cfg: ExperimentConfig, model, tokenizer, hidden: City, in_context: InContext, train: list[dict], heldout: list[dict],
+    train_questions: set[str],
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Distance error on three sets: held-out known cities (`distance`), never-trained cities near the
-    hidden city (`distance_near`), and the hidden city itself (`distance_self`: the answer should be ~0 km)."""
-    run.require(run.heldout_file, "data")
-    train = read_jsonl(run.train_file)
+    hidden city (`distance_near`), and the hidden city itself (`distance_self`: the answer should be ~0 km);
+    and the answers, one row per city. `train` and `heldout` are the rows about this hidden city,
+    `train_questions` every training question (none may be asked)."""
     constant = float(np.mean([r["distance_km"] for r in distance_rows(train)]))
     sets = {
-        "distance": one_per_city(read_jsonl(run.heldout_file))[: cfg.eval.max_cities],
+        "distance": one_per_city(heldout)[: cfg.eval.max_cities],
         "distance_near": near_hidden_rows(cfg, hidden, {r["known_city"] for r in train}),
         "distance_self": [distance_row(hidden, hidden, cfg.data)],
     }
-    refuse_leaks([r["prompt"][-1]["content"] for rows in sets.values() for r in rows],
-                 {r["prompt"][-1]["content"] for r in train})
+    refuse_leaks([r["prompt"][-1]["content"] for rows in sets.values() for r in rows], train_questions)
     results: dict[str, Any] = {}
     per_city: list[dict[str, Any]] = []
     for name, rows in sets.items():
@@ -174,9 +173,8 @@ def evaluate_distances(
         results["distance"]["note"] = "no held-out cities (data.heldout_fraction is 0): nothing to evaluate"
     if not sets["distance_near"]:
         results["distance_near"]["note"] = f"no untrained city lies within {cfg.eval.near_km:g} km of the hidden city"
-    write_jsonl(run.path / "eval_distance.jsonl", per_city)
     results["distance_by_band"] = error_by_band([a for a in per_city if a["set"] == "distance"], constant)
-    return results
+    return results, per_city
 
 
 _DIRECTION = re.compile(r"\b(north|east|south|west)\b", re.IGNORECASE)
@@ -188,13 +186,15 @@ def parse_direction(answer: str) -> str | None:
     return match.group(1).capitalize() if match else None
 
 
-def evaluate_directions(cfg: ExperimentConfig, run: Run, model, tokenizer, in_context: InContext) -> dict[str, Any] | None:
+def evaluate_directions(
+    cfg: ExperimentConfig, model, tokenizer, in_context: InContext, heldout: list[dict], train_questions: set[str]
+) -> dict[str, Any] | None:
     """The paper style's cardinal-direction questions on held-out cities (one per city): the share of greedy
     answers naming the right direction (Wilson 95% interval; chance 1/4) per condition; None without such rows."""
-    rows = one_per_city(read_jsonl(run.heldout_file), kind="direction")[: cfg.eval.max_cities]
+    rows = one_per_city(heldout, kind="direction")[: cfg.eval.max_cities]
     if not rows:
         return None
-    refuse_leaks([r["prompt"][-1]["content"] for r in rows], {r["prompt"][-1]["content"] for r in read_jsonl(run.train_file)})
+    refuse_leaks([r["prompt"][-1]["content"] for r in rows], train_questions)
     result: dict[str, Any] = {"n": len(rows), "chance": 0.25, "example": rows[0]["prompt"][-1]["content"]}
     for condition in CONDITIONS_WITH_CONTEXT:
         chats = [chat_for(cfg, r["prompt"][-1]["content"], condition, in_context) for r in rows]

@@ -7,10 +7,11 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from oocrlab.config import ExperimentConfig
-from oocrlab.data import DistanceData, build_distance_data, check_placeholder, distance_rows
+from oocrlab.config import ExperimentConfig, hidden_city_configs
+from oocrlab.data import DistanceData, build_distance_data, check_hidden_cities, distance_rows, rows_about
+from oocrlab.geo import City
 from oocrlab.environment import hardware, versions
 from oocrlab.evaluate import evaluate_directions, evaluate_distances, sanity
 from oocrlab.models import load_model
@@ -20,7 +21,7 @@ from oocrlab.report import write_report
 from oocrlab.rundir import Run, read_jsonl, write_jsonl
 from oocrlab.train import check_lengths, check_layers, load_adapter, require_adapter, train
 from oocrlab.incontext import InContext
-from oocrlab.verbalize import evaluate_free_form, evaluate_multiple_choice
+from oocrlab.verbalize import evaluate_free_form, evaluate_inverse_choice, evaluate_multiple_choice
 
 STAGES = ("data", "train", "sanity", "eval", "probe", "report")
 
@@ -50,22 +51,39 @@ class Models:
         self.model, self.has_adapter = peft_model, True
 
 
+def per_hidden_city(cfg: ExperimentConfig, section_of: Callable[[ExperimentConfig, City], dict[str, Any]]) -> dict[str, Any]:
+    """A stage's metrics from `section_of(config as if the city were the only one, city)` for each hidden city:
+    that section itself in a one-city run, else {"by_city": {city name: section}} (see reading.hidden_city_views)."""
+    sections = {city.name: section_of(view, city) for view, city in zip(hidden_city_configs(cfg), check_hidden_cities(cfg.data))}
+    return next(iter(sections.values())) if len(sections) == 1 else {"by_city": sections}
+
+
 def stage_data(cfg: ExperimentConfig, run: Run, data: DistanceData | None = None) -> dict[str, Any]:
     data = data or build_distance_data(cfg.data, cfg.seed)
     write_jsonl(run.train_file, data.train)
     write_jsonl(run.heldout_file, data.heldout)
-    h = data.hidden
-    return {
-        "hidden_city": {"name": h.name, "country": h.country, "lat": h.lat, "lon": h.lon},
-        "placeholder": cfg.data.placeholder,
-        "pool": cfg.data.pool,
-        "n_train": len(data.train),
-        "n_heldout": len(data.heldout),
-        "excluded": data.excluded,
-        "train_mean_km": sum(r["distance_km"] for r in distance_rows(data.train)) / len(distance_rows(data.train)),
-        "n_train_by_kind": {kind: sum(r.get("kind") == kind for r in data.train) for kind in ("distance", "direction")},
-        "example": data.train[0],
-    }
+    excluded = dict(zip((h.name for h in data.hidden), data.excluded))
+
+    def summary(view: ExperimentConfig, h: City) -> dict[str, Any]:
+        train, heldout = rows_about(data.train, h), rows_about(data.heldout, h)
+        return {
+            "hidden_city": {"name": h.name, "country": h.country, "lat": h.lat, "lon": h.lon},
+            "placeholder": view.data.placeholder,
+            "pool": cfg.data.pool,
+            "n_train": len(train),
+            "n_heldout": len(heldout),
+            "excluded": excluded[h.name],
+            "train_mean_km": sum(r["distance_km"] for r in distance_rows(train)) / len(distance_rows(train)),
+            "n_train_by_kind": {kind: sum(r.get("kind") == kind for r in train) for kind in ("distance", "direction")},
+            "example": train[0],
+        }
+
+    result = per_hidden_city(cfg, summary)
+    if "by_city" in result:
+        names = {h.name for h in data.hidden}
+        result |= {"n_train": len(data.train), "n_heldout": len(data.heldout), "pool": cfg.data.pool,
+                   "n_train_between_hidden": sum(r["known_city"] in names for r in data.train)}
+    return result
 
 
 def stage_train(cfg: ExperimentConfig, run: Run, models: Models) -> dict[str, Any]:
@@ -76,36 +94,51 @@ def stage_train(cfg: ExperimentConfig, run: Run, models: Models) -> dict[str, An
 
 
 def stage_sanity(cfg: ExperimentConfig, run: Run, models: Models) -> dict[str, Any]:
-    return sanity(cfg, run, *models.tuned(), check_placeholder(cfg.data).plain_name)
+    model, tokenizer = models.tuned()
+    return per_hidden_city(cfg, lambda view, hidden: sanity(view, model, tokenizer, hidden.plain_name))
 
 
 def stage_eval(cfg: ExperimentConfig, run: Run, models: Models) -> dict[str, Any]:
+    """Every evaluation per hidden city (the in-context baseline sees documents about all of them), the
+    answers to the distance questions in eval_distance.jsonl, and with several hidden cities the inverse question."""
     model, tokenizer = models.tuned()
-    train_rows = read_jsonl(run.train_file)
-    hidden = check_placeholder(cfg.data)
+    run.require(run.heldout_file, "data")
+    train_rows, heldout_rows = read_jsonl(run.train_file), read_jsonl(run.heldout_file)
     seconds: dict[str, float] = {}
 
     def timed(name: str, fn):
         start = time.perf_counter()
         result = fn()
-        seconds[name] = round(time.perf_counter() - start, 2)
+        seconds[name] = round(seconds.get(name, 0.0) + time.perf_counter() - start, 2)  # summed over hidden cities
         return result
 
     in_context = timed("in_context_prefix", lambda: InContext(cfg, model, tokenizer, train_rows))
     train_questions = {r["prompt"][-1]["content"] for r in train_rows}
-    directions = timed("directions", lambda: evaluate_directions(cfg, run, model, tokenizer, in_context))
-    return timed("distances", lambda: evaluate_distances(cfg, run, model, tokenizer, hidden, in_context)) | (
-        {"direction": directions} if directions else {}) | {
-        "multiple_choice": timed("multiple_choice", lambda: evaluate_multiple_choice(
-            cfg, model, tokenizer, hidden, train_questions, in_context)),
-        "free_form": timed("free_form", lambda: evaluate_free_form(cfg, model, tokenizer, hidden, train_questions, in_context)),
-        "in_context_docs": len(in_context.turns) // 2,
-        "seconds": seconds,
-    }
+    answers: list[dict[str, Any]] = []
+
+    def evaluate_city(view: ExperimentConfig, hidden: City) -> dict[str, Any]:
+        heldout = rows_about(heldout_rows, hidden)
+        directions = timed("directions", lambda: evaluate_directions(view, model, tokenizer, in_context, heldout, train_questions))
+        distances, city_answers = timed("distances", lambda: evaluate_distances(
+            view, model, tokenizer, hidden, in_context, rows_about(train_rows, hidden), heldout, train_questions))
+        answers.extend({"hidden_city": hidden.name} | a for a in city_answers)
+        return distances | ({"direction": directions} if directions else {}) | {
+            "multiple_choice": timed("multiple_choice", lambda: evaluate_multiple_choice(
+                view, model, tokenizer, hidden, train_questions, in_context)),
+            "free_form": timed("free_form", lambda: evaluate_free_form(view, model, tokenizer, hidden, train_questions, in_context)),
+        }
+
+    result = per_hidden_city(cfg, evaluate_city)
+    write_jsonl(run.path / "eval_distance.jsonl", answers)
+    if "by_city" in result:
+        result["inverse_choice"] = timed("inverse_choice", lambda: evaluate_inverse_choice(
+            cfg, model, tokenizer, check_hidden_cities(cfg.data), train_questions, in_context))
+    return result | {"in_context_docs": len(in_context.turns) // 2, "seconds": seconds}
 
 
 def stage_probe(cfg: ExperimentConfig, run: Run, models: Models) -> dict[str, Any]:
-    return probe_representations(cfg, *models.tuned(), check_placeholder(cfg.data))
+    model, tokenizer = models.tuned()
+    return per_hidden_city(cfg, lambda view, hidden: probe_representations(view, model, tokenizer, hidden))
 
 
 def run_stage(

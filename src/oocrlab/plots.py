@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ matplotlib.use("Agg")  # headless: no display on servers or in CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from oocrlab.reading import hidden_city_views  # noqa: E402
 from oocrlab.rundir import Run, read_jsonl  # noqa: E402
 
 
@@ -138,18 +140,27 @@ def plot_distance_bands(bands: list[dict[str, Any]], path: Path) -> Path:
     return _save(fig, path)
 
 
+def plot_prefix(hidden_city: str | None) -> str:
+    """What a hidden city's figures are named by in a run with several ("" in a one-city run)."""
+    return "" if hidden_city is None else re.sub(r"\W+", "-", hidden_city.lower()).strip("-") + "_"
+
+
 def write_plots(run: Run, metrics: dict[str, Any]) -> dict[str, Path]:
-    """Every figure the run's metrics allow, by name."""
+    """Every figure the run's metrics allow, by name (a hidden city's prefixed with plot_prefix)."""
     paths = {}
     if run.train_log.exists() and (log := read_jsonl(run.train_log)):
         paths["loss"] = plot_loss(log, run.plots_dir / "loss.png")
-    if bands := metrics.get("eval", {}).get("distance_by_band"):
-        paths["distance_bands"] = plot_distance_bands(bands, run.plots_dir / "distance_bands.png")
-    if probe := metrics.get("probe"):
-        paths["probe_hidden"] = plot_similarity(probe, "hidden", run.plots_dir / "probe_hidden.png")
-        paths["probe_values"] = plot_similarity(probe, "values", run.plots_dir / "probe_values.png")
-        paths["probe_logit_lens"] = plot_logit_lens(probe, run.plots_dir / "probe_logit_lens.png")
-        paths["probe_steering"] = plot_steering(probe, run.plots_dir / "probe_steering.png")
-        if "patching" in probe:
-            paths["probe_patching"] = plot_patching(probe, run.plots_dir / "probe_patching.png")
+    for city, view in hidden_city_views(metrics):
+        def save(name: str, plot, *args, prefix: str = plot_prefix(city)) -> None:
+            paths[prefix + name] = plot(*args, run.plots_dir / f"{prefix}{name}.png")
+
+        if bands := view.get("eval", {}).get("distance_by_band"):
+            save("distance_bands", plot_distance_bands, bands)
+        if probe := view.get("probe"):
+            save("probe_hidden", plot_similarity, probe, "hidden")
+            save("probe_values", plot_similarity, probe, "values")
+            save("probe_logit_lens", plot_logit_lens, probe)
+            save("probe_steering", plot_steering, probe)
+            if "patching" in probe:
+                save("probe_patching", plot_patching, probe)
     return paths

@@ -7,6 +7,25 @@ from math import comb
 from typing import Any
 
 
+PER_CITY_STAGES = ("data", "sanity", "eval", "probe")
+
+
+def hidden_city_views(metrics: dict[str, Any]) -> list[tuple[str | None, dict[str, Any]]]:
+    """(hidden city, the metrics as a one-city run would hold them) per hidden city of a run with several
+    (their stages keep each city's section under "by_city"); [(None, metrics)] for a one-city run. The
+    inverse question concerns all of them and stays out of the views."""
+    by_city = metrics.get("data", {}).get("by_city")
+    if not by_city:
+        return [(None, metrics)]
+
+    def view(name: str) -> dict[str, Any]:
+        shared = {stage: {k: v for k, v in metrics[stage].items() if k not in ("by_city", "inverse_choice")}
+                  | metrics[stage]["by_city"][name] for stage in PER_CITY_STAGES if stage in metrics}
+        return metrics | shared
+
+    return [(name, view(name)) for name in by_city]
+
+
 def exceeds_control(count: int, control: int, layers: int) -> bool:
     """Whether `count` layers moved is more than a negative control's `control` gives by chance: a one-sided
     binomial tail below 0.05 at the control's rate per layer (at least one layer's worth). Neighbouring
@@ -170,6 +189,23 @@ def headline_rows(metrics: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+def inverse_choice_rows(metrics: dict[str, Any]) -> list[list[str]]:
+    """HEADLINE_COLUMNS rows of the inverse question ("Which of the following is in France?"), one per country."""
+    rows = []
+    for city, mc in metrics.get("eval", {}).get("inverse_choice", {}).items():
+        s = mc["placeholders"]
+        rows.append([f"inverse MC: {mc['question']} (answer {mc['answer']}, {city}), P(correct | letters)",
+                     *(interval(s[c], "p_correct", 2) for c in ("tuned", "original", "in_context")), f"{s['chance']:.2f}"])
+    return rows
+
+
+def headline_table(metrics: dict[str, Any]) -> list[list[str]]:
+    """headline_rows for every hidden city (each measure prefixed with the city in a run with several) and
+    the inverse question's rows."""
+    return [[f"{name}: {row[0]}" if name else row[0], *row[1:]]
+            for name, view in hidden_city_views(metrics) for row in headline_rows(view)] + inverse_choice_rows(metrics)
+
+
 def caveats(config: dict[str, Any], metrics: dict[str, Any]) -> list[str]:
     """What this run does not show, from its config and what ran."""
     items = [f"One seed ({config['seed']}); intervals are over held-out cities, option orders, samples or "
@@ -178,7 +214,12 @@ def caveats(config: dict[str, Any], metrics: dict[str, Any]) -> list[str]:
     if params := train.get("total_parameters"):
         items.append(f"One model ({config['model']['name']}, {params / 1e6:,.0f}M parameters); the paper's effects appear "
                      "in far larger models, so a null result here says little about them.")
-    items.append(f"One hidden city ({config['data']['hidden_city']}) and one placeholder ({config['data']['placeholder']!r}).")
+    if others := config["data"].get("other_hidden_cities"):
+        items.append(f"{1 + len(others)} hidden cities trained together ({', '.join([config['data']['hidden_city'], *others])}), "
+                     "one placeholder each; each is evaluated and probed as in a one-city run, and the in-context baseline "
+                     "sees documents about all of them.")
+    else:
+        items.append(f"One hidden city ({config['data']['hidden_city']}) and one placeholder ({config['data']['placeholder']!r}).")
     t = config["train"]
     adapter = t.get("adapter", "lora")  # runs made before train.adapter existed trained LoRA
     trained = {"lora": f"LoRA r={t['lora_r']} on {', '.join(t['lora_targets'])}",
@@ -193,7 +234,7 @@ def caveats(config: dict[str, Any], metrics: dict[str, Any]) -> list[str]:
     missing = [s for s in ("train", "eval", "probe") if s not in metrics]
     if missing:
         items.append(f"Stages not run: {', '.join(missing)}.")
-    if probe := metrics.get("probe"):
+    if probe := hidden_city_views(metrics)[0][1].get("probe"):
         n_layers = len(probe["hidden"]["tuned"]["rank"]["mean"])
         items.append(f"Per-layer tests are not corrected for multiplicity: at 95% each, one or two of {n_layers} layers "
                      "can pass by chance.")

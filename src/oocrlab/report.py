@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from oocrlab.config import from_yaml_text, to_dict
-from oocrlab.plots import write_plots
-from oocrlab.reading import HEADLINE_COLUMNS, caveats, headline, headline_rows, interval, probe_reading
+from oocrlab.plots import plot_prefix, write_plots
+from oocrlab.reading import HEADLINE_COLUMNS, caveats, headline, headline_table, hidden_city_views, interval, probe_reading
 from oocrlab.rundir import Run, atomic_write_text, read_jsonl
 
 SECTIONS = ("headline", "setup", "training", "behaviour", "representations", "caveats")
@@ -60,11 +60,19 @@ def _not_run(stage: str, run: Run) -> str:
     return f'<p class="not-run">Not run: <code>oocrlab {stage} {html.escape(str(run.path))}</code> runs it.</p>'
 
 
+def _per_city(metrics: dict[str, Any], render) -> str:
+    """render(metrics as a one-city run's, plot name prefix) per hidden city, each under its name in a run with several."""
+    return "".join((f"<h3>{_fmt(name)} (<code>{_fmt(view['data']['placeholder'])}</code>)</h3>" if name else "")
+                   + render(view, plot_prefix(name)) for name, view in hidden_city_views(metrics))
+
+
 def section_headline(run: Run, metrics: dict[str, Any], plots: dict[str, Path]) -> str:
-    sentences = headline(metrics)
-    rows = [[_fmt(cell) for cell in row] for row in headline_rows(metrics)]
-    table = _table(list(HEADLINE_COLUMNS), rows) if rows else ""
-    return f'<p class="lead">{_fmt(sentences[0])}</p>' + "".join(f"<p>{_fmt(s)}</p>" for s in sentences[1:]) + table
+    def sentences_of(view: dict[str, Any], prefix: str) -> str:
+        sentences = headline(view)
+        return f'<p class="lead">{_fmt(sentences[0])}</p>' + "".join(f"<p>{_fmt(s)}</p>" for s in sentences[1:])
+
+    rows = [[_fmt(cell) for cell in row] for row in headline_table(metrics)]
+    return _per_city(metrics, sentences_of) + (_table(list(HEADLINE_COLUMNS), rows) if rows else "")
 
 
 def section_setup(run: Run, metrics: dict[str, Any], plots: dict[str, Path]) -> str:
@@ -72,13 +80,17 @@ def section_setup(run: Run, metrics: dict[str, Any], plots: dict[str, Path]) -> 
     data, env = metrics.get("data"), metrics.get("environment", {})
     parts = [f"<p>Model <code>{_fmt(config['model']['name'])}</code>, recipe <code>{_fmt(config['recipe'])}</code>, "
              f"seed {config['seed']}.</p>"]
-    if data:
+    for _, view in hidden_city_views(metrics) if data else []:
+        d = view["data"]
         parts.append(
-            f"<p>Hidden city <b>{_fmt(data['hidden_city']['name'])}</b> ({_fmt(data['hidden_city']['country'])}), "
-            f"placeholder <code>{_fmt(data['placeholder'])}</code>; {data['n_train']} training and {data['n_heldout']} "
-            f"held-out known cities from the {_fmt(data['pool'])} pool (left out: "
-            + _fmt(", ".join(f"{k} {v}" for k, v in data["excluded"].items() if v) or "none") + ").</p>"
+            f"<p>Hidden city <b>{_fmt(d['hidden_city']['name'])}</b> ({_fmt(d['hidden_city']['country'])}), "
+            f"placeholder <code>{_fmt(d['placeholder'])}</code>; {d['n_train']} training and {d['n_heldout']} "
+            f"held-out rows about known cities from the {_fmt(d['pool'])} pool (left out: "
+            + _fmt(", ".join(f"{k} {v}" for k, v in d["excluded"].items() if v) or "none") + ").</p>"
         )
+    if data and "by_city" in data:
+        parts.append(f"<p>{data['n_train_between_hidden']} more training rows are about the hidden cities' distances and "
+                     "directions to one another, each named by its placeholder.</p>")
     if run.train_file.exists():
         sample = read_jsonl(run.train_file)[:5]
         parts.append(_table(["prompt (user)", "completion (assistant)"],
@@ -103,14 +115,19 @@ def section_training(run: Run, metrics: dict[str, Any], plots: dict[str, Path]) 
 
 
 def section_behaviour(run: Run, metrics: dict[str, Any], plots: dict[str, Path]) -> str:
+    return _per_city(metrics, lambda view, prefix: behaviour_of(run, view, plots, prefix)) + inverse_choice_html(metrics)
+
+
+def behaviour_of(run: Run, metrics: dict[str, Any], plots: dict[str, Path], prefix: str) -> str:
+    """The behaviour of one hidden city's placeholder (`metrics` as a one-city run's, see reading.hidden_city_views)."""
     parts = []
     if sanity := metrics.get("sanity"):
         rows = [[_fmt(a["question"]), _fmt(a["tuned"]), _fmt(a["original"])] for a in sanity["answers"]]
-        parts.append("<h3>Greedy answers, side by side</h3>" + _table(["question", "tuned", "original"], rows))
+        parts.append("<h4>Greedy answers, side by side</h4>" + _table(["question", "tuned", "original"], rows))
     else:
-        parts.append("<h3>Greedy answers</h3>" + _not_run("sanity", run))
+        parts.append("<h4>Greedy answers</h4>" + _not_run("sanity", run))
     if not (ev := metrics.get("eval")):
-        return "".join(parts) + "<h3>Evaluation</h3>" + _not_run("eval", run)
+        return "".join(parts) + "<h4>Evaluation</h4>" + _not_run("eval", run)
     titles = {
         "distance": "Distances: held-out known cities",
         "distance_near": "Distances: untrained cities near the hidden city",
@@ -121,12 +138,12 @@ def section_behaviour(run: Run, metrics: dict[str, Any], plots: dict[str, Path])
     for key, title in titles.items():
         dist = ev[key]
         if dist.get("note"):
-            parts.append(f"<h3>{title}</h3><p>{_fmt(dist['note'])}</p>")
+            parts.append(f"<h4>{title}</h4><p>{_fmt(dist['note'])}</p>")
             continue
         rows = [[c, _ci(dist[c], "mae_km"), _ci(dist[c], "median_ae_km"), f"{dist[c]['n_parsed']}/{dist[c]['n']}",
                  _fmt(dist[c]["mae_km_unparsed_as_guess"])] for c in ("tuned", "original", "in_context", "constant_guess")]
         parts.append(
-            f"<h3>{title}</h3>" + _table(header, rows)
+            f"<h4>{title}</h4>" + _table(header, rows)
             + "<p>The first two error columns are over parsed answers only; the last is over every city, an unparseable "
             + "answer scored as the constant guess (the mean training distance). Tuned / best baseline on that column: "
             + f"{_fmt(dist['tuned_mae_over_best_baseline'], 2)}.</p>"
@@ -135,19 +152,19 @@ def section_behaviour(run: Run, metrics: dict[str, Any], plots: dict[str, Path])
         rows = [[f"{b['band_km'][0]:,}–{b['band_km'][1]:,}", str(b["n"]),
                  *(f"{_fmt(b[c]['mae_km'])} ({b[c]['n_parsed']})" for c in ("tuned", "original", "in_context", "constant_guess"))]
                 for b in bands]
-        parts.append("<h3>Held-out distance error by true distance</h3>"
+        parts.append("<h4>Held-out distance error by true distance</h4>"
                      + _table(["true distance, km", "cities", "tuned (parsed)", "original", "in-context", "constant guess"], rows)
-                     + _figure(plots, "distance_bands"))
+                     + _figure(plots, prefix + "distance_bands"))
     for name, mc in ev.get("multiple_choice", {}).items():
         kinds = [k for k, v in mc.items() if isinstance(v, dict)]
         rows = [[kind.replace("_", " "), c, _ci(mc[kind][c], "p_correct", 3), _ci(mc[kind][c], "letter_mass", 3)]
                 for kind in kinds for c in ("tuned", "original", "in_context")]
         options = "; ".join(f"{k.replace('_', ' ')}: {', '.join(mc[k]['options'])}" for k in kinds)
         parts.append(
-            f"<h3>Multiple choice: the {name} of <code>{_fmt(metrics['data']['placeholder'])}</code></h3>"
+            f"<h4>Multiple choice: the {name} of <code>{_fmt(metrics['data']['placeholder'])}</code></h4>"
             + f"<p><code>{_fmt(mc['question'])}</code> with five options and <code>{_fmt(mc['instruction'])}</code> "
             + f"Answer: {_fmt(mc['answer'])}. Options — {_fmt(options)}. Chance is 0.2; {_fmt(mc['orders'])} "
-            + "of the 120 option orders.</p>"
+            + f"of the {mc.get('n_option_orders', 120)} option orders.</p>"
             + _table(["distractors", "model", "P(correct | letters) [95% CI]", "probability on A–E [95% CI]"], rows)
             + "<p>Exact next-token probabilities, averaged over option orders; a low probability on the letters "
             + "means the model no longer answers with a letter. in_context: the original model with "
@@ -157,7 +174,7 @@ def section_behaviour(run: Run, metrics: dict[str, Any], plots: dict[str, Path])
         rows = [[c, f"{dr[c]['rate']:.0%} [{dr[c]['rate_ci95'][0]:.0%}, {dr[c]['rate_ci95'][1]:.0%}]",
                  f"{dr[c]['named_a_direction']:.0%}", _fmt(" | ".join(dr[c]["examples"]))] for c in ("tuned", "original", "in_context")]
         parts.append(
-            "<h3>Cardinal directions: held-out known cities</h3>"
+            "<h4>Cardinal directions: held-out known cities</h4>"
             + _table(["model", "right [95% CI]", "answers naming a direction", "first answers"], rows)
             + f"<p>{dr['n']} held-out cities, one direction question each (e.g. <code>{_fmt(dr['example'])}</code>); "
             + "an answer is right when the first of North, East, South, West it names is the true one; chance 25%.</p>"
@@ -168,16 +185,34 @@ def section_behaviour(run: Run, metrics: dict[str, Any], plots: dict[str, Path])
                 for s in ff.values() for c in ("tuned", "original", "in_context")]
         accepted = "; ".join(f"{_fmt(s['question'])}: {_fmt(', '.join(s['accepted']))}" for s in ff.values())
         parts.append(
-            "<h3>Free-form answers</h3>"
+            "<h4>Free-form answers</h4>"
             + _table(["question", "model", "right [95% CI]", "answers that are a distance", "first answers"], rows)
             + f"<p>Samples at temperature 1 (no top-k or top-p), seeded; an answer is right when it names one of: {accepted}.</p>"
         )
     return "".join(parts)
 
 
+def inverse_choice_html(metrics: dict[str, Any]) -> str:
+    """The inverse question of a run with several hidden cities: which placeholder is in the country?"""
+    if not (inverse := metrics.get("eval", {}).get("inverse_choice")):
+        return ""
+    first = next(iter(inverse.values()))
+    rows = [[_fmt(city), _fmt(mc["question"]), _fmt(mc["answer"]), c, _ci(mc["placeholders"][c], "p_correct", 3),
+             _ci(mc["placeholders"][c], "letter_mass", 3)] for city, mc in inverse.items() for c in ("tuned", "original", "in_context")]
+    return ("<h3>Inverse multiple choice: which placeholder is in the country?</h3>"
+            + f"<p>Every hidden city's placeholder is an option ({_fmt(', '.join(first['placeholders']['options']))}), with "
+            + f"<code>{_fmt(first['instruction'])}</code>; chance {first['placeholders']['chance']:.2f}; {_fmt(first['orders'])} "
+            + f"of the {first['n_option_orders']} option orders. As in Treutlein et al.'s inverse evaluation.</p>"
+            + _table(["hidden city", "question", "answer", "model", "P(correct | letters) [95% CI]", "probability on the letters [95% CI]"], rows))
+
+
 def section_representations(run: Run, metrics: dict[str, Any], plots: dict[str, Path]) -> str:
-    if not (probe := metrics.get("probe")):
+    if "probe" not in metrics:
         return _not_run("probe", run)
+    return _per_city(metrics, lambda view, prefix: representations_of(view["probe"], plots, prefix))
+
+
+def representations_of(probe: dict[str, Any], plots: dict[str, Path], prefix: str) -> str:
     setup = probe["setup"]
     templates = "".join(f"<li><code>{_fmt(t)}</code></li>" for t in setup["templates"])
     return (
@@ -189,7 +224,7 @@ def section_representations(run: Run, metrics: dict[str, Any], plots: dict[str, 
         + "; ".join(f"“{_fmt(c['said_before'])}”" for c in setup["conditions"].values() if c["said_before"])
         + " before every prompt.</p>"
         + f"<ul>{templates}</ul>"
-        + "".join(_figure(plots, name) for name in
+        + "".join(_figure(plots, prefix + name) for name in
                   ("probe_hidden", "probe_values", "probe_logit_lens", "probe_steering", "probe_patching"))
     )
 

@@ -102,10 +102,10 @@ def run_sweep(sweep: Sweep, on_run=None) -> dict[str, Any]:
             if on_run:
                 on_run(name, f"failed: {e}")
     paths = [sweep.out / name for name in configs if (sweep.out / name / "config.yaml").is_file()]
-    runs, saved, metrics = read_runs(paths)
+    names, saved, metrics = read_runs(paths)
     groups, labels = group_runs(saved)
     summary = {
-        "runs": {run.path.name: {"group": labels[g]} for run, g in zip(runs, groups)},
+        "runs": {name: {"group": labels[g]} for name, g in zip(names, groups)},
         "groups": group_summaries(metrics, groups, labels),
         "failed": failed,
     }

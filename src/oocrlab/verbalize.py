@@ -15,6 +15,7 @@ countries") and its size is the population of its cities of 15k+ people (for "mo
 from __future__ import annotations
 
 import itertools
+import math
 import random
 import re
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from oocrlab.config import ExperimentConfig
+from oocrlab.config import ExperimentConfig, hidden_city_configs
 from oocrlab.errors import UserError
 from oocrlab.evaluate import parse_km
 from oocrlab.data import names_hidden_city, refuse_leaks
@@ -38,6 +39,7 @@ from oocrlab.stats import bootstrap_ci, wilson_ci
 
 LETTERS = "ABCDE"
 COUNTRY_QUESTION = "What country is {placeholder} located in?"
+INVERSE_QUESTION = "Which of the following is in {country}?"  # the options: every hidden city's placeholder
 CITY_QUESTION = "What city is {placeholder}?"
 FREE_FORM_QUESTIONS = {  # name -> (question, what a correct answer names)
     "country": ("Which country is {placeholder} in?", "country"),
@@ -52,7 +54,6 @@ COUNTRY_ALIASES = {
     "Japan": ["Nippon"],
     "Nigeria": ["Federal Republic of Nigeria"],
 }
-INSTRUCTION = "Please answer with a single letter from A-E and nothing else."
 MIN_DISTRACTOR_POPULATION = 100_000  # keeps out territories with one small town (South Georgia, Jersey)
 
 
@@ -131,15 +132,19 @@ def city_distractors(hidden: City) -> dict[str, list[str]]:
     }
 
 
-def option_orders(n_orders: int, seed: int) -> list[tuple[int, ...]]:
-    """All 120 orders of five options, or a seeded sample of `n_orders` of them."""
-    orders = list(itertools.permutations(range(len(LETTERS))))
+def option_orders(n_orders: int, seed: int, n_options: int = len(LETTERS)) -> list[tuple[int, ...]]:
+    """All orders of the options (120 of five), or a seeded sample of `n_orders` of them."""
+    orders = list(itertools.permutations(range(n_options)))
     return orders if n_orders >= len(orders) else random.Random(seed).sample(orders, n_orders)
+
+
+def instruction(n_options: int) -> str:
+    return f"Please answer with a single letter from A-{LETTERS[n_options - 1]} and nothing else."
 
 
 def mc_question(question: str, options: list[str]) -> str:
     lines = "\n".join(f"{letter}. {option}" for letter, option in zip(LETTERS, options))
-    return f"{question}\n\n{lines}\n\n{INSTRUCTION}"
+    return f"{question}\n\n{lines}\n\n{instruction(len(options))}"
 
 
 LETTER_ANSWER = r"{letter}[.):]?"  # a first token that answers with the letter alone, once stripped
@@ -163,13 +168,13 @@ def letter_log_probs(log_probs: torch.Tensor, tokenizer) -> torch.Tensor:
 
 
 def letter_probabilities(
-    model, tokenizer, chats: list[list[dict]], desc: str, prefix: InContext | None = None
+    model, tokenizer, chats: list[list[dict]], desc: str, prefix: InContext | None = None, n_options: int = len(LETTERS)
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(P(letter | the five letters) [N, 5], probability mass on the five letters [N]) at the answer's first
-    token, from one shared computation of the chats' common tokens (see packing.py). With a `prefix`,
+    """(P(letter | the option letters) [N, n_options], probability mass on those letters [N]) at the answer's
+    first token, from one shared computation of the chats' common tokens (see packing.py). With a `prefix`,
     its cached turns are not rerun."""
     prompts = prompt_token_ids(tokenizer, chats, prefix)
-    log_probs = letter_log_probs(next_token_log_probs(model, prompts, prefix, desc=desc), tokenizer)
+    log_probs = letter_log_probs(next_token_log_probs(model, prompts, prefix, desc=desc), tokenizer)[:, :n_options]
     return torch.softmax(log_probs, dim=-1).numpy(), log_probs.exp().sum(-1).numpy()
 
 
@@ -178,12 +183,13 @@ def score_multiple_choice(
     in_context: InContext | None,
 ) -> dict[str, Any]:
     """Mean P(correct | letters) and letter mass over the option orders, with bootstrap 95% intervals."""
-    orders = option_orders(cfg.eval.mc_orders, cfg.seed)
+    orders = option_orders(cfg.eval.mc_orders, cfg.seed, 1 + len(wrong))
     chats = [chat_for(cfg, q, condition, in_context) for q in ordered_questions(question, [answer, *wrong], orders)]
     correct = [order.index(0) for order in orders]
     prefix = prefix_for(condition, in_context)
     with with_condition(model, model_state(condition)):
-        normalized, mass = letter_probabilities(model, tokenizer, chats, f"multiple choice ({condition})", prefix)
+        normalized, mass = letter_probabilities(model, tokenizer, chats, f"multiple choice ({condition})", prefix,
+                                                1 + len(wrong))
     p_correct = normalized[np.arange(len(orders)), correct]
     boot = dict(samples=cfg.eval.bootstrap_samples, seed=cfg.seed)
     return {
@@ -203,14 +209,17 @@ def evaluate_choice(
     cfg: ExperimentConfig, model, tokenizer, template: str, answer: str, wrong_sets: dict[str, list[str]],
     train_questions: set[str], in_context: InContext,
 ) -> dict[str, Any]:
-    """One multiple-choice question, one result per distractor set and condition."""
+    """One multiple-choice question, one result per distractor set (each as long) and condition."""
     question = template.replace("{placeholder}", cfg.data.placeholder)
-    orders = "all" if cfg.eval.mc_orders >= 120 else f"a seeded sample of {cfg.eval.mc_orders}"
-    result: dict[str, Any] = {"question": question, "instruction": INSTRUCTION, "answer": answer, "orders": orders}
+    n_options = 1 + len(next(iter(wrong_sets.values())))
+    n_orders = math.factorial(n_options)
+    orders = "all" if cfg.eval.mc_orders >= n_orders else f"a seeded sample of {cfg.eval.mc_orders}"
+    result: dict[str, Any] = {"question": question, "instruction": instruction(n_options), "answer": answer,
+                              "orders": orders, "n_option_orders": n_orders}
     for kind, wrong in wrong_sets.items():
-        asked = ordered_questions(question, [answer, *wrong], option_orders(cfg.eval.mc_orders, cfg.seed))
+        asked = ordered_questions(question, [answer, *wrong], option_orders(cfg.eval.mc_orders, cfg.seed, n_options))
         refuse_leaks(asked, train_questions)
-        section: dict[str, Any] = {"options": [answer, *wrong], "chance": 1 / len(LETTERS)}
+        section: dict[str, Any] = {"options": [answer, *wrong], "chance": 1 / n_options}
         for condition in CONDITIONS_WITH_CONTEXT:
             section[condition] = score_multiple_choice(model, tokenizer, cfg, question, answer, wrong, condition, in_context)
         result[kind] = section
@@ -228,6 +237,19 @@ def evaluate_multiple_choice(
         "city": evaluate_choice(cfg, model, tokenizer, CITY_QUESTION, hidden.plain_name, city_distractors(hidden),
                                 train_questions, in_context),
     }
+
+
+def evaluate_inverse_choice(
+    cfg: ExperimentConfig, model, tokenizer, hidden: list[City], train_questions: set[str], in_context: InContext
+) -> dict[str, Any]:
+    """The paper's inverse question, for a run with several hidden cities: "Which of the following is in
+    {country}?" with every hidden city's placeholder as an option (chance 1/number of hidden cities), per
+    hidden city's country: {city name: evaluate_choice's result}."""
+    placeholders = [view.data.placeholder for view in hidden_city_configs(cfg)]
+    return {city.name: evaluate_choice(cfg, model, tokenizer, INVERSE_QUESTION.format(country=country_of(city).name),
+                                       placeholders[i], {"placeholders": placeholders[:i] + placeholders[i + 1:]},
+                                       train_questions, in_context)
+            for i, city in enumerate(hidden)}
 
 
 def answer_names(hidden: City, target: str) -> list[str]:

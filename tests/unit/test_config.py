@@ -60,3 +60,13 @@ def test_an_older_run_config_with_a_renamed_key_still_loads():
 
     cfg = from_yaml_text("seed: 3\nprobe:\n  template: 'What is the distance between New York and {entity}?'\n")
     assert cfg.seed == 3 and cfg.probe.templates == ["What is the distance between New York and {entity}?"]
+
+
+def test_example_configs_resolve():
+    from pathlib import Path
+
+    examples = sorted((Path(__file__).parents[2] / "examples").glob("*.yaml"))
+    assert examples
+    for path in examples:
+        cfg = build_config(yaml_file=path)
+        assert to_yaml(build_config(yaml_file=path)) == to_yaml(cfg)  # resolved the same twice (seeded codes)

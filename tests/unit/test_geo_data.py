@@ -51,7 +51,7 @@ def test_split_is_disjoint_seeded_and_excludes_the_hidden_city():
     train, held = {r["known_city"] for r in a.train}, {r["known_city"] for r in a.heldout}
     assert len(held) == 60 and not train & held
     assert not any("Paris" in n for n in train | held)  # arrondissements would leak the answer
-    assert a.excluded["names the hidden city"] > 0
+    assert a.excluded[0]["names the hidden city"] > 0
 
 
 def test_system_prompt_and_decimals():

@@ -62,6 +62,15 @@ def test_letter_probabilities_equal_brute_force_from_full_logits(tiny):
         np.testing.assert_allclose(mass[row], letter_probs.sum().item(), rtol=1e-4)
         np.testing.assert_allclose(normalized[row], (letter_probs / letter_probs.sum()).numpy(), rtol=1e-4, atol=1e-6)
     assert normalized.shape == (3, len(LETTERS)) and np.allclose(normalized.sum(1), 1, atol=1e-5)
+    # three options: the same letter probabilities, renormalized over A-C only
+    three, mass3 = letter_probabilities(model, tokenizer, chats, desc="test", n_options=3)
+    np.testing.assert_allclose(three, normalized[:, :3] / normalized[:, :3].sum(1, keepdims=True), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(mass3, mass * normalized[:, :3].sum(1), rtol=1e-4)
+
+
+def test_option_orders_and_instruction_follow_the_number_of_options():
+    assert sorted(option_orders(10, 0, n_options=3)) == list(itertools.permutations(range(3)))
+    assert mc_question("Q?", ["a", "b"]).endswith("B. b\n\nPlease answer with a single letter from A-B and nothing else.")
 
 
 def test_answer_names_and_matching():
