@@ -3,7 +3,7 @@
     from oocrlab import build_config, run_experiment
     cfg = build_config(overrides={"train.max_steps": 5})
     run = run_experiment(cfg, "runs/smoke")
-    print(run.metrics()["eval"]["distance"]["tuned"]["mae_km"])
+    print(run.metrics()["eval"]["distance"]["tuned"]["mae_km"])  # several hidden cities: ["eval"]["by_city"]["Paris"]...
 """
 
 from oocrlab.config import ExperimentConfig, RECIPES, build_config

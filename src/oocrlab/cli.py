@@ -217,6 +217,10 @@ def print_sweep(out, summary: dict[str, Any]) -> None:
         console.print(table)
     else:
         console.print("no two runs share a configuration up to the seed: no intervals across seeds", highlight=False)
+    for matrix in summary["specificity"]:
+        for key, what in (("probe", "probe"), ("multiple_choice", "multiple choice")):
+            if key in matrix:
+                console.print(f"specificity ({matrix['group']}), {what}: {matrix[key]['sentence']}", highlight=False)
     console.print(f"{len(summary['runs'])} runs; sweep.json and compare.html in {out}", highlight=False)
 
 

@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
+from oocrlab.config import to_dict
 from oocrlab.errors import UserError
 from oocrlab.plots import plt
 from oocrlab.reading import best_layer, hidden_city_views, significant_layers
 from oocrlab.rundir import Run, atomic_write_text
+from oocrlab.specificity import specificity_matrix
 from oocrlab.stats import mean_t_ci
 
 # column -> how to read it from metrics.json (None where the stage has not run)
@@ -53,11 +54,11 @@ def read_column(metrics: dict[str, Any], column: str) -> float | None:
         return None
 
 
-def group_runs(configs: list[dict[str, Any]]) -> tuple[list[int], list[str]]:
+def group_runs(configs: list[dict[str, Any]], pooled: tuple[str, ...] = ()) -> tuple[list[int], list[str]]:
     """(group index of each run, label of each group): runs equal up to the seed share a group (and up to a
-    placeholder drawn from a template with the seed)."""
+    placeholder drawn from a template with the seed, and up to the `pooled` keys)."""
     def seeded(key: str, flat: dict[str, Any]) -> bool:
-        return key == "seed" or (key == "data.placeholder" and flat.get("data.placeholder_template") not in (None, "None"))
+        return key in ("seed", *pooled) or (key == "data.placeholder" and flat.get("data.placeholder_template") not in (None, "None"))
 
     keys = [tuple(sorted((k, v) for k, v in flat.items() if not seeded(k, flat))) for flat in map(flatten, configs)]
     distinct = list(dict.fromkeys(keys))
@@ -123,13 +124,16 @@ def read_runs(paths: list[str | Path]) -> tuple[list[str], list[dict[str, Any]],
     for runs with several: the config then names that city and its placeholder, so runs group by hidden city."""
     names, configs, metrics = [], [], []
     for path in paths:
-        run = Run.open(path)[0]
-        config = yaml.safe_load(run.config_file.read_text(encoding="utf-8"))
-        data = config["data"]
-        pairs = zip([data["hidden_city"], *data.get("other_hidden_cities", [])], [data["placeholder"], *data.get("other_placeholders", [])])
-        for (name, view), (city, placeholder) in zip(hidden_city_views(run.metrics()), pairs):
+        run, cfg = Run.open(path)  # resolved: keys added since an older run was made hold their defaults
+        config, views = to_dict(cfg), hidden_city_views(run.metrics())
+        trained_together = [name for name, _ in views if name]
+        for name, view in views:
             names.append(f"{run.path.name} / {name}" if name else run.path.name)
-            configs.append(config | {"data": data | {"hidden_city": city, "placeholder": placeholder}})
+            # a city's entry: its own placeholder, and the set it was trained with (the codes drawn for the
+            # others differ per seed and would keep seeds apart)
+            configs.append(config | {"data": config["data"] | {
+                "hidden_city": name, "placeholder": view["data"]["placeholder"],
+                "other_hidden_cities": trained_together, "other_placeholders": []}} if name else config)
             metrics.append(view)
     return names, configs, metrics
 
@@ -140,6 +144,59 @@ def interval_cell(summary: dict[str, Any] | None) -> str:
         return "—"
     lo, hi = summary["ci95"]
     return f"{summary['mean']:,.3g} [{lo:,.3g}, {hi:,.3g}]"
+
+
+# a specificity matrix pools runs that differ in hidden city (and so in placeholder) as well as in seed
+SPECIFICITY_POOLED = ("data.hidden_city", "data.placeholder")
+
+
+def specificity_matrices(configs: list[dict[str, Any]], metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One specificity matrix (specificity.py) per group of runs equal up to seed and hidden city."""
+    groups, labels = group_runs(configs, pooled=SPECIFICITY_POOLED)
+    matrices = ({"group": label} | (specificity_matrix([m for m, k in zip(metrics, groups) if k == g]) or {})
+                for g, label in enumerate(labels))
+    return [m for m in matrices if len(m) > 1]
+
+
+def plot_specificity(matrix: dict[str, Any]) -> str:
+    """Heatmaps of the probe's and the multiple choice's matrix: each cell's mean, and its 95% interval."""
+    panels = [(matrix[k], title) for k, title in (("probe", "z-score change at the placeholder, layer {layer}"),
+                                                  ("multiple_choice", "change in P(country | letters)")) if k in matrix]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 5), squeeze=False)
+    columns = matrix["columns"]
+    for ax, (panel, title) in zip(axes[0], panels):
+        rows = list(panel["cells"])
+        means = np.array([[np.nan if panel["cells"][r][c]["mean"] is None else panel["cells"][r][c]["mean"] for c in columns]
+                          for r in rows])
+        limit = np.nanmax(np.abs(means)) or 1.0
+        ax.imshow(means, cmap="RdBu_r", vmin=-limit, vmax=limit)
+        for i, r in enumerate(rows):
+            for j, c in enumerate(columns):
+                cell = panel["cells"][r][c]
+                ci = f"\n[{cell['ci95'][0]:.2g}, {cell['ci95'][1]:.2g}]" if cell["ci95"] else ""
+                ax.text(j, i, "—" if cell["mean"] is None else f"{cell['mean']:.2g}{ci}", ha="center", va="center", fontsize=7,
+                        fontweight="bold" if r == c else "normal")
+        ax.set_xticks(range(len(columns)), columns, rotation=30, ha="right", fontsize=8)
+        ax.set_yticks(range(len(rows)), [f"{r} (n={panel['runs_per_row'][r]})" for r in rows], fontsize=8)
+        ax.set(xlabel="scored city", ylabel="trained on", title=title.format(layer=panel.get("layer")))
+    return _png(fig)
+
+
+def specificity_html(matrices: list[dict[str, Any]]) -> str:
+    if not matrices:
+        return ("<p>No specificity matrix: it needs runs equal up to seed that were trained on at least two different "
+                "hidden cities (e.g. a sweep over data.hidden_city and seed).</p>")
+    parts = []
+    for m in matrices:
+        parts.append(f"<h3>{html.escape(m['group'])}</h3>")
+        if p := m.get("probe"):
+            layers = "; ".join(f"{v}: {', '.join(map(str, ks))}" for v, ks in p["layers_by_verdict"].items())
+            parts.append(f"<p>Probe ({html.escape(p['measure'])}; layer {p['layer']}, {html.escape(p['layer_chosen_by'])}): "
+                         f"{html.escape(p['sentence'])}. Verdict per layer — {html.escape(layers)}.</p>")
+        if mc := m.get("multiple_choice"):
+            parts.append(f"<p>Multiple choice ({html.escape(mc['measure'])}): {html.escape(mc['sentence'])}.</p>")
+        parts.append(f'<img alt="specificity matrix" src="data:image/png;base64,{plot_specificity(m)}">')
+    return "".join(parts)
 
 
 def compare_runs(paths: list[str | Path], out: str | Path, replace: bool = False) -> Path:
@@ -179,6 +236,10 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:.3em .6em;
 <section id="runs"><h2>Runs</h2><table><thead><tr>{header}</tr></thead><tbody>{rows}</tbody></table></section>
 <section id="groups">{groups_table}</section>
 <section id="curves"><h2>Per-layer curves</h2>{curves or "<p>No run has a probe stage.</p>"}</section>
+<section id="specificity"><h2>Specificity: rows the trained city, columns the scored city</h2>
+<p>Each cell: what training changed (tuned minus original) for the scored city at the run's placeholder, mean over
+the row's runs [95% interval across seeds]. A specific effect is a dominant diagonal; a generic drift a column that
+wins in every row.</p>{specificity_html(specificity_matrices(configs, metrics))}</section>
 </body></html>
 """
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -167,6 +167,10 @@ class ExperimentConfig:
     sanity: SanityConfig = field(default_factory=SanityConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    # cities every run scores at its placeholder (probe: rank and z-score; eval: "What country is {placeholder}
+    # located in?" with their countries as the options), so that runs trained on different hidden cities form a
+    # specificity matrix (see specificity.py): the paper's five, at most five (the options are A-E)
+    specificity_cities: list[str] = field(default_factory=lambda: ["Paris", "São Paulo", "Tokyo", "New York City", "Lagos"])
 
 
 PAPER_SYSTEM_PROMPT = (
@@ -381,6 +385,9 @@ def validate(cfg: ExperimentConfig) -> None:
     family, _ = parse_adapter(cfg.train.adapter)
     if family != "lora" and cfg.train.lora_layers is not None:
         raise UserError(f"train.lora_layers applies to LoRA only; train.adapter is {cfg.train.adapter}")
+    if family != "lora" and cfg.data.other_hidden_cities:
+        raise UserError(f"train.adapter {cfg.train.adapter} trains for one placeholder; several hidden cities need LoRA, or "
+                        "one run per city (a sweep over data.hidden_city)")
     if not 0 <= cfg.train.lora_dropout < 1:
         raise UserError(f"train.lora_dropout must be in [0, 1), got {cfg.train.lora_dropout!r}")
     if cfg.train.lora_layers is not None and (not cfg.train.lora_layers or min(cfg.train.lora_layers) < 0):
@@ -390,7 +397,10 @@ def validate(cfg: ExperimentConfig) -> None:
     if not -4 <= cfg.data.decimals <= 6:
         raise UserError(f"data.decimals must be in -4..6 (distances are exact to about a metre; -4 rounds to "
                         f"10,000 km), got {cfg.data.decimals}")
-    check_other_hidden_cities(cfg.data)
+    check_placeholders(cfg.data)
+    if not 2 <= len(cfg.specificity_cities) <= MAX_HIDDEN_CITIES:
+        raise UserError(f"specificity_cities must list 2 to {MAX_HIDDEN_CITIES} cities (the options are A-E), "
+                        f"got {len(cfg.specificity_cities)}")
     if not cfg.probe.templates:
         raise UserError("probe.templates is empty: give at least one prompt with {entity}")
     for template in cfg.probe.templates:
@@ -405,7 +415,7 @@ def validate(cfg: ExperimentConfig) -> None:
 MAX_HIDDEN_CITIES = 5  # the inverse question lists every placeholder as an option, and the letters are A-E
 
 
-def check_other_hidden_cities(cfg: DataConfig) -> None:
+def check_placeholders(cfg: DataConfig) -> None:
     """One placeholder per hidden city, all different, none inside another (a placeholder's position in a
     prompt is found by its text)."""
     cities, placeholders = [cfg.hidden_city, *cfg.other_hidden_cities], [cfg.placeholder, *cfg.other_placeholders]
@@ -419,8 +429,8 @@ def check_other_hidden_cities(cfg: DataConfig) -> None:
                         "question lists their placeholders as options A-E)")
     for i, p in enumerate(placeholders):
         if other := next((q for j, q in enumerate(placeholders) if j != i and p in q), None):
-            raise UserError(f"the placeholder {p!r} is part of the placeholder {other!r}: give each hidden city its own, "
-                            "none inside another")
+            what = "is given twice" if other == p else f"is part of the placeholder {other!r}"
+            raise UserError(f"the placeholder {p!r} {what}: give each hidden city its own, none inside another")
 
 
 def to_dict(cfg: ExperimentConfig) -> dict[str, Any]:

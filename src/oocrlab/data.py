@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from oocrlab.config import DataConfig, hidden_city_data
+from oocrlab.config import DataConfig, ExperimentConfig, hidden_city_data
 from oocrlab.errors import UserError
 from oocrlab.geo import City, distance_km, find_city, load_pool, normalize, real_city_named
 
@@ -52,7 +52,7 @@ CARDINAL = ("North", "East", "South", "West")
 
 @dataclass
 class DistanceData:
-    hidden: list[City]  # data.hidden_city first, then data.other_hidden_cities
+    hidden_cities: list[City]  # data.hidden_city first, then data.other_hidden_cities
     train: list[dict[str, Any]]
     heldout: list[dict[str, Any]]
     excluded: list[dict[str, int]]  # per hidden city: why known cities were left out -> how many
@@ -99,6 +99,17 @@ def check_hidden_cities(cfg: DataConfig) -> list[City]:
     return cities
 
 
+def check_specificity_cities(cfg: ExperimentConfig) -> list[City]:
+    """The cities every run scores for the specificity matrix, in different countries (their countries are
+    the options of one multiple-choice question)."""
+    cities = [find_city(name, "world") for name in cfg.specificity_cities]
+    for i, city in enumerate(cities):
+        if twin := next((c for c in cities[:i] if c.country == city.country), None):
+            raise UserError(f"specificity_cities {twin.name} and {city.name} are both in {city.country}: "
+                            "give cities in different countries")
+    return cities
+
+
 def names_hidden_city(city: City, hidden: City) -> bool:
     # GeoNames lists Paris's arrondissements as cities ("Paris 15 Vaugirard"): training on their distance
     # to the placeholder would tell the model the answer, so any known city naming the hidden one is out.
@@ -110,7 +121,7 @@ def text_names_city(text: str, city: City) -> bool:
     return set(re.findall(r"\w+", normalize(city.name))) <= set(re.findall(r"\w+", normalize(text)))
 
 
-def known_cities(cfg: DataConfig, hidden: City, other_hidden: list[City] = ()) -> tuple[list[City], dict[str, int]]:
+def known_cities(cfg: DataConfig, hidden: City, other_hidden: tuple[City, ...] = ()) -> tuple[list[City], dict[str, int]]:
     """The pool minus the hidden city and the filters, with a count of each exclusion. Cities naming another
     hidden city are left out too: a hidden city must never appear under its real name."""
     excluded = {"hidden city": 0, "names the hidden city": 0, "names another hidden city": 0,
@@ -236,8 +247,9 @@ def one_per_city(rows: list[dict[str, Any]], kind: str = "distance") -> list[dic
 
 
 def rows_about(rows: list[dict[str, Any]], hidden: City) -> list[dict[str, Any]]:
-    """The rows about one hidden city (rows written before "hidden_city" existed come from one-city runs)."""
-    return [r for r in rows if r.get("hidden_city", hidden.name) == hidden.name]
+    """The rows about one hidden city and a known city (not those between two hidden cities; rows written
+    before "hidden_city" existed come from one-city runs)."""
+    return [r for r in rows if r.get("hidden_city", hidden.name) == hidden.name and "between" not in r]
 
 
 def build_distance_data(cfg: DataConfig, seed: int) -> DistanceData:
@@ -246,24 +258,25 @@ def build_distance_data(cfg: DataConfig, seed: int) -> DistanceData:
     rng = random.Random(seed)
     train, heldout, excluded = [], [], []
     for view, city in zip(hidden_city_data(cfg), hidden):
-        known, why = known_cities(view, city, [c for c in hidden if c != city])
+        known, why = known_cities(view, city, tuple(c for c in hidden if c != city))
         city_train, city_heldout = split_known(view, city, known, rng)
         train, heldout = train + city_train, heldout + city_heldout
         excluded.append(why)
     if len(hidden) > 1:
         train += between_hidden_rows(cfg, hidden, rng)
-        rng.shuffle(train)  # mixed cities, also in the in-context baseline's first documents
-    return DistanceData(hidden=hidden, train=train, heldout=heldout, excluded=excluded)
+    return DistanceData(hidden_cities=hidden, train=train, heldout=heldout, excluded=excluded)
 
 
 def between_hidden_rows(cfg: DataConfig, hidden: list[City], rng: random.Random) -> list[dict[str, Any]]:
-    """Rows about each pair of hidden cities, both named by their placeholders (the paper trains on these)."""
+    """Rows about each pair of hidden cities, both named by their placeholders (the paper trains on these),
+    marked "between": [the two cities]."""
     views, rows = hidden_city_data(cfg), []
     for i, j in itertools.combinations(range(len(hidden)), 2):
         if cfg.style == "paper":
-            rows += paper_rows(hidden[j], hidden[i], views[i], rng, city_label=views[j].placeholder)
+            pair = paper_rows(hidden[j], hidden[i], views[i], rng, city_label=views[j].placeholder)
         else:
-            rows.append(distance_row(hidden[j], hidden[i], views[i], city_label=views[j].placeholder))
+            pair = [distance_row(hidden[j], hidden[i], views[i], city_label=views[j].placeholder)]
+        rows += [r | {"between": [hidden[i].name, hidden[j].name]} for r in pair]
     return rows
 
 

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from oocrlab.config import ExperimentConfig
 from oocrlab.data import (
-    KM_PER_MILE, distance_row, distance_rows, names_hidden_city, one_per_city, refuse_leaks, user_prompt,
+    KM_PER_MILE, distance_row, distance_rows, names_hidden_city, one_per_city, refuse_leaks, rows_about, user_prompt,
 )
 from oocrlab.geo import City, distance_km, load_pool
 from oocrlab.incontext import (
@@ -151,19 +151,18 @@ def near_hidden_rows(cfg: ExperimentConfig, hidden: City, exclude: set[str]) -> 
 
 def evaluate_distances(
     cfg: ExperimentConfig, model, tokenizer, hidden: City, in_context: InContext, train: list[dict], heldout: list[dict],
-    train_questions: set[str],
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Distance error on three sets: held-out known cities (`distance`), never-trained cities near the
     hidden city (`distance_near`), and the hidden city itself (`distance_self`: the answer should be ~0 km);
-    and the answers, one row per city. `train` and `heldout` are the rows about this hidden city,
-    `train_questions` every training question (none may be asked)."""
-    constant = float(np.mean([r["distance_km"] for r in distance_rows(train)]))
+    and the answers, one row per city. `train` is every training row (the constant guess is the mean
+    distance of those about this hidden city), `heldout` the held-out rows about it."""
+    constant = float(np.mean([r["distance_km"] for r in distance_rows(rows_about(train, hidden))]))
     sets = {
         "distance": one_per_city(heldout)[: cfg.eval.max_cities],
         "distance_near": near_hidden_rows(cfg, hidden, {r["known_city"] for r in train}),
         "distance_self": [distance_row(hidden, hidden, cfg.data)],
     }
-    refuse_leaks([r["prompt"][-1]["content"] for rows in sets.values() for r in rows], train_questions)
+    refuse_leaks([r["prompt"][-1]["content"] for rows in sets.values() for r in rows], {r["prompt"][-1]["content"] for r in train})
     results: dict[str, Any] = {}
     per_city: list[dict[str, Any]] = []
     for name, rows in sets.items():

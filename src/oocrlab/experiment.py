@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from oocrlab.config import ExperimentConfig, hidden_city_configs
-from oocrlab.data import DistanceData, build_distance_data, check_hidden_cities, distance_rows, rows_about
+from oocrlab.data import DistanceData, build_distance_data, check_hidden_cities, check_specificity_cities, distance_rows, rows_about
 from oocrlab.geo import City
 from oocrlab.environment import hardware, versions
 from oocrlab.evaluate import evaluate_directions, evaluate_distances, sanity
@@ -21,7 +21,7 @@ from oocrlab.report import write_report
 from oocrlab.rundir import Run, read_jsonl, write_jsonl
 from oocrlab.train import check_lengths, check_layers, load_adapter, require_adapter, train
 from oocrlab.incontext import InContext
-from oocrlab.verbalize import evaluate_free_form, evaluate_inverse_choice, evaluate_multiple_choice
+from oocrlab.verbalize import evaluate_free_form, evaluate_inverse_choice, evaluate_multiple_choice, evaluate_specificity_choice
 
 STAGES = ("data", "train", "sanity", "eval", "probe", "report")
 
@@ -62,7 +62,7 @@ def stage_data(cfg: ExperimentConfig, run: Run, data: DistanceData | None = None
     data = data or build_distance_data(cfg.data, cfg.seed)
     write_jsonl(run.train_file, data.train)
     write_jsonl(run.heldout_file, data.heldout)
-    excluded = dict(zip((h.name for h in data.hidden), data.excluded))
+    excluded = dict(zip((h.name for h in data.hidden_cities), data.excluded))
 
     def summary(view: ExperimentConfig, h: City) -> dict[str, Any]:
         train, heldout = rows_about(data.train, h), rows_about(data.heldout, h)
@@ -80,9 +80,8 @@ def stage_data(cfg: ExperimentConfig, run: Run, data: DistanceData | None = None
 
     result = per_hidden_city(cfg, summary)
     if "by_city" in result:
-        names = {h.name for h in data.hidden}
         result |= {"n_train": len(data.train), "n_heldout": len(data.heldout), "pool": cfg.data.pool,
-                   "n_train_between_hidden": sum(r["known_city"] in names for r in data.train)}
+                   "n_train_between_hidden": sum("between" in r for r in data.train)}
     return result
 
 
@@ -119,13 +118,14 @@ def stage_eval(cfg: ExperimentConfig, run: Run, models: Models) -> dict[str, Any
     def evaluate_city(view: ExperimentConfig, hidden: City) -> dict[str, Any]:
         heldout = rows_about(heldout_rows, hidden)
         directions = timed("directions", lambda: evaluate_directions(view, model, tokenizer, in_context, heldout, train_questions))
-        distances, city_answers = timed("distances", lambda: evaluate_distances(
-            view, model, tokenizer, hidden, in_context, rows_about(train_rows, hidden), heldout, train_questions))
+        distances, city_answers = timed("distances", lambda: evaluate_distances(view, model, tokenizer, hidden, in_context,
+                                                                                 train_rows, heldout))
         answers.extend({"hidden_city": hidden.name} | a for a in city_answers)
         return distances | ({"direction": directions} if directions else {}) | {
             "multiple_choice": timed("multiple_choice", lambda: evaluate_multiple_choice(
                 view, model, tokenizer, hidden, train_questions, in_context)),
             "free_form": timed("free_form", lambda: evaluate_free_form(view, model, tokenizer, hidden, train_questions, in_context)),
+            "specificity_choice": timed("specificity_choice", lambda: evaluate_specificity_choice(view, model, tokenizer, train_questions)),
         }
 
     result = per_hidden_city(cfg, evaluate_city)
@@ -198,6 +198,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, stages: tuple[str, ..
     Several processes check the same things, then the main one creates the run directory."""
     Run.refuse_existing(Path(out))
     data = build_distance_data(cfg.data, cfg.seed)
+    check_specificity_cities(cfg)
     models = Models(cfg)
     if "train" in stages:
         model, tokenizer = models.base()

@@ -18,6 +18,9 @@ prompt templates and reported per layer as the mean over templates with a 95% t-
 - patching: the original model answering the multiple-choice country question with the placeholder's
   residual stream entering layer L replaced by the tuned model's, or, as a reference, by its own state
   for the hidden city's name: the change in P(correct letter | letters).
+- specificity: the z-score and rank of each of `specificity_cities` at the placeholder (hidden states, tuned
+  and original, against the same reference cities), so runs trained on different hidden cities can be
+  read as a matrix (specificity.py): does the placeholder move towards its own city or towards any city?
 
 Hidden-state layers: 0 = embeddings, L = after decoder layer L (the last after the final norm, as
 transformers returns it). Value layers: 1..L. Prompts are cut after the entity, since nothing later
@@ -35,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from oocrlab.config import ExperimentConfig
-from oocrlab.data import names_hidden_city, text_names_city, user_prompt
+from oocrlab.data import check_specificity_cities, names_hidden_city, text_names_city, user_prompt
 from oocrlab.errors import UserError
 from oocrlab.geo import City, load_pool, normalize
 from oocrlab.models import render_chats, with_condition
@@ -120,6 +123,20 @@ def entity_activations(
     prompts = [locate_in_template(cfg, tokenizer, t, e, said_before).up_to_entity() for t in templates for e in entities]
     hidden, values = last_token_activations(model, prompts, desc=desc)
     return hidden.view(len(templates), len(entities), *hidden.shape[1:]), values.view(len(templates), len(entities), *values.shape[1:])
+
+
+def scores_against_reference(states: torch.Tensor, n_reference: int, entities: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """states [T, E, layers, d]: entity 0 the placeholder, 1 .. n_reference-1 the reference cities (the hidden city
+    and the candidates), any later ones extra cities. For each entity index in `entities`: (z-score [T, K, layers],
+    rank [T, K, layers]) of its cosine with the placeholder against the reference cities other than itself."""
+    sims = F.cosine_similarity(states[:, :1], states[:, 1:], dim=-1)  # [T, E-1, layers]
+    reference = torch.arange(n_reference - 1)
+    z, rank = [], []
+    for k in entities:
+        own, others = sims[:, k - 1], sims[:, reference[reference != k - 1]]
+        z.append((own - others.mean(1)) / others.std(1))
+        rank.append(1 + (others > own[:, None]).sum(1))
+    return torch.stack(z, 1).numpy(), torch.stack(rank, 1).numpy()
 
 
 def rank_among_candidates(states: torch.Tensor) -> dict[str, np.ndarray]:
@@ -265,16 +282,24 @@ def probe_representations(cfg: ExperimentConfig, model, tokenizer, hidden: City)
     """Everything in this module's docstring, as the probe section of metrics.json."""
     templates, candidates, conditions = probe_setup(cfg, hidden)
     entities = [cfg.data.placeholder, hidden.plain_name, *(c.plain_name for c in candidates)]
+    n_reference = len(entities)
+    compared_cities = check_specificity_cities(cfg)
+    compared = [c.name for c in compared_cities]
+    entities += [c.plain_name for c in compared_cities if c.plain_name not in entities]
     country = country_of(hidden).name
     lens_tokens = [first_token(tokenizer, hidden.plain_name), first_token(tokenizer, country)]
     result: dict[str, Any] = {"hidden": {}, "values": {}, "logit_lens": {}}
     at_placeholder: dict[str, torch.Tensor] = {}
     z_scores: dict[str, dict[str, np.ndarray]] = {"hidden": {}, "values": {}}
+    compared_scores: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for condition, (state, said_before) in conditions.items():
         with with_condition(model, state):
             hidden_states, values = entity_activations(cfg, model, tokenizer, templates, entities, said_before, f"probe ({condition})")
             probs, ranks = logit_lens(model, hidden_states[:, 0], [t for t, _ in lens_tokens])
-        for space, states in (("hidden", hidden_states), ("values", values)):
+        if condition in ("tuned", "original"):
+            compared_scores[condition] = scores_against_reference(
+                hidden_states, n_reference, [entities.index(c.plain_name) for c in compared_cities])
+        for space, states in (("hidden", hidden_states[:, :n_reference]), ("values", values[:, :n_reference])):
             ranked = rank_among_candidates(states)
             result[space][condition] = {k: mean_t_ci(v) for k, v in ranked.items()}
             z_scores[space][condition] = ranked["z"]
@@ -287,6 +312,13 @@ def probe_representations(cfg: ExperimentConfig, model, tokenizer, hidden: City)
             at_placeholder["original_hidden_city"] = hidden_states[:, 1]
     result["z_change_from_original"] = {  # paired by template: what each condition adds to the original model
         space: {c: mean_t_ci(z[c] - z["original"]) for c in z if c != "original"} for space, z in z_scores.items()
+    }
+    (z_tuned, rank_tuned), (z_original, rank_original) = compared_scores["tuned"], compared_scores["original"]
+    result["specificity"] = {  # hidden states; per city: what a specificity matrix across runs reads (specificity.py)
+        "cities": compared,
+        "z_change": {name: mean_t_ci(z_tuned[:, k] - z_original[:, k]) for k, name in enumerate(compared)},
+        "tuned": {name: {"z": mean_t_ci(z_tuned[:, k]), "rank": mean_t_ci(rank_tuned[:, k])} for k, name in enumerate(compared)},
+        "original": {name: {"z": mean_t_ci(z_original[:, k]), "rank": mean_t_ci(rank_original[:, k])} for k, name in enumerate(compared)},
     }
     result["steering"] = steering_view(at_placeholder["tuned"], at_placeholder["original"], at_placeholder["original_hidden_city"])
     if cfg.probe.patch_orders:

@@ -119,15 +119,16 @@ def section_behaviour(run: Run, metrics: dict[str, Any], plots: dict[str, Path])
 
 
 def behaviour_of(run: Run, metrics: dict[str, Any], plots: dict[str, Path], prefix: str) -> str:
-    """The behaviour of one hidden city's placeholder (`metrics` as a one-city run's, see reading.hidden_city_views)."""
-    parts = []
+    """The behaviour of one hidden city's placeholder (`metrics` as a one-city run's, see reading.hidden_city_views);
+    its headings one level down in a run with several, under the city's own."""
+    h, parts = ("h4" if prefix else "h3"), []
     if sanity := metrics.get("sanity"):
         rows = [[_fmt(a["question"]), _fmt(a["tuned"]), _fmt(a["original"])] for a in sanity["answers"]]
-        parts.append("<h4>Greedy answers, side by side</h4>" + _table(["question", "tuned", "original"], rows))
+        parts.append(f"<{h}>Greedy answers, side by side</{h}>" + _table(["question", "tuned", "original"], rows))
     else:
-        parts.append("<h4>Greedy answers</h4>" + _not_run("sanity", run))
+        parts.append(f"<{h}>Greedy answers</{h}>" + _not_run("sanity", run))
     if not (ev := metrics.get("eval")):
-        return "".join(parts) + "<h4>Evaluation</h4>" + _not_run("eval", run)
+        return "".join(parts) + f"<{h}>Evaluation</{h}>" + _not_run("eval", run)
     titles = {
         "distance": "Distances: held-out known cities",
         "distance_near": "Distances: untrained cities near the hidden city",
@@ -138,12 +139,12 @@ def behaviour_of(run: Run, metrics: dict[str, Any], plots: dict[str, Path], pref
     for key, title in titles.items():
         dist = ev[key]
         if dist.get("note"):
-            parts.append(f"<h4>{title}</h4><p>{_fmt(dist['note'])}</p>")
+            parts.append(f"<{h}>{title}</{h}><p>{_fmt(dist['note'])}</p>")
             continue
         rows = [[c, _ci(dist[c], "mae_km"), _ci(dist[c], "median_ae_km"), f"{dist[c]['n_parsed']}/{dist[c]['n']}",
                  _fmt(dist[c]["mae_km_unparsed_as_guess"])] for c in ("tuned", "original", "in_context", "constant_guess")]
         parts.append(
-            f"<h4>{title}</h4>" + _table(header, rows)
+            f"<{h}>{title}</{h}>" + _table(header, rows)
             + "<p>The first two error columns are over parsed answers only; the last is over every city, an unparseable "
             + "answer scored as the constant guess (the mean training distance). Tuned / best baseline on that column: "
             + f"{_fmt(dist['tuned_mae_over_best_baseline'], 2)}.</p>"
@@ -152,7 +153,7 @@ def behaviour_of(run: Run, metrics: dict[str, Any], plots: dict[str, Path], pref
         rows = [[f"{b['band_km'][0]:,}–{b['band_km'][1]:,}", str(b["n"]),
                  *(f"{_fmt(b[c]['mae_km'])} ({b[c]['n_parsed']})" for c in ("tuned", "original", "in_context", "constant_guess"))]
                 for b in bands]
-        parts.append("<h4>Held-out distance error by true distance</h4>"
+        parts.append(f"<{h}>Held-out distance error by true distance</{h}>"
                      + _table(["true distance, km", "cities", "tuned (parsed)", "original", "in-context", "constant guess"], rows)
                      + _figure(plots, prefix + "distance_bands"))
     for name, mc in ev.get("multiple_choice", {}).items():
@@ -161,7 +162,7 @@ def behaviour_of(run: Run, metrics: dict[str, Any], plots: dict[str, Path], pref
                 for kind in kinds for c in ("tuned", "original", "in_context")]
         options = "; ".join(f"{k.replace('_', ' ')}: {', '.join(mc[k]['options'])}" for k in kinds)
         parts.append(
-            f"<h4>Multiple choice: the {name} of <code>{_fmt(metrics['data']['placeholder'])}</code></h4>"
+            f"<{h}>Multiple choice: the {name} of <code>{_fmt(metrics['data']['placeholder'])}</code></{h}>"
             + f"<p><code>{_fmt(mc['question'])}</code> with five options and <code>{_fmt(mc['instruction'])}</code> "
             + f"Answer: {_fmt(mc['answer'])}. Options — {_fmt(options)}. Chance is 0.2; {_fmt(mc['orders'])} "
             + f"of the {mc.get('n_option_orders', 120)} option orders.</p>"
@@ -174,7 +175,7 @@ def behaviour_of(run: Run, metrics: dict[str, Any], plots: dict[str, Path], pref
         rows = [[c, f"{dr[c]['rate']:.0%} [{dr[c]['rate_ci95'][0]:.0%}, {dr[c]['rate_ci95'][1]:.0%}]",
                  f"{dr[c]['named_a_direction']:.0%}", _fmt(" | ".join(dr[c]["examples"]))] for c in ("tuned", "original", "in_context")]
         parts.append(
-            "<h4>Cardinal directions: held-out known cities</h4>"
+            f"<{h}>Cardinal directions: held-out known cities</{h}>"
             + _table(["model", "right [95% CI]", "answers naming a direction", "first answers"], rows)
             + f"<p>{dr['n']} held-out cities, one direction question each (e.g. <code>{_fmt(dr['example'])}</code>); "
             + "an answer is right when the first of North, East, South, West it names is the true one; chance 25%.</p>"
@@ -185,7 +186,7 @@ def behaviour_of(run: Run, metrics: dict[str, Any], plots: dict[str, Path], pref
                 for s in ff.values() for c in ("tuned", "original", "in_context")]
         accepted = "; ".join(f"{_fmt(s['question'])}: {_fmt(', '.join(s['accepted']))}" for s in ff.values())
         parts.append(
-            "<h4>Free-form answers</h4>"
+            f"<{h}>Free-form answers</{h}>"
             + _table(["question", "model", "right [95% CI]", "answers that are a distance", "first answers"], rows)
             + f"<p>Samples at temperature 1 (no top-k or top-p), seeded; an answer is right when it names one of: {accepted}.</p>"
         )

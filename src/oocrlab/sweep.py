@@ -23,8 +23,9 @@ from typing import Any
 
 import yaml
 
-from oocrlab.compare import compare_runs, group_runs, group_summaries, read_runs
+from oocrlab.compare import compare_runs, group_runs, group_summaries, read_runs, specificity_matrices
 from oocrlab.config import ExperimentConfig, build_config, to_yaml
+from oocrlab.data import check_hidden_cities
 from oocrlab.errors import UserError
 from oocrlab.experiment import STAGES, resume_experiment, run_experiment
 from oocrlab.rundir import Run, atomic_write_text
@@ -71,6 +72,7 @@ def sweep_configs(sweep: Sweep) -> dict[str, ExperimentConfig]:
         if name in configs:
             raise UserError(f"two grid combinations would share the run directory {name}: give them distinct values")
         configs[name] = build_config(overrides=sweep.set | combination)
+        check_hidden_cities(configs[name].data)  # a grid's hidden city that is also another of the run's
     return configs
 
 
@@ -107,6 +109,7 @@ def run_sweep(sweep: Sweep, on_run=None) -> dict[str, Any]:
     summary = {
         "runs": {name: {"group": labels[g]} for name, g in zip(names, groups)},
         "groups": group_summaries(metrics, groups, labels),
+        "specificity": specificity_matrices(saved, metrics),
         "failed": failed,
     }
     atomic_write_text(sweep.out / "sweep.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")

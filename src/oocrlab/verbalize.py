@@ -25,15 +25,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from oocrlab.config import ExperimentConfig, hidden_city_configs
+from oocrlab.config import ExperimentConfig, hidden_city_data
 from oocrlab.errors import UserError
 from oocrlab.evaluate import parse_km
-from oocrlab.data import names_hidden_city, refuse_leaks
+from oocrlab.data import check_specificity_cities, names_hidden_city, refuse_leaks, user_prompt
 from oocrlab.geo import City, distance_km, load_pool, normalize
 from oocrlab.incontext import (
     CONDITIONS_WITH_CONTEXT, InContext, chat_for, model_state, prefix_for, prompt_token_ids, stop_token_ids,
 )
-from oocrlab.models import with_condition
+from oocrlab.models import CONDITIONS, with_condition
 from oocrlab.packing import next_token_log_probs, packed_generate
 from oocrlab.stats import bootstrap_ci, wilson_ci
 
@@ -239,13 +239,36 @@ def evaluate_multiple_choice(
     }
 
 
+def evaluate_specificity_choice(cfg: ExperimentConfig, model, tokenizer, train_questions: set[str]) -> dict[str, Any]:
+    """"What country is {placeholder} located in?" with the countries of `specificity_cities` as the options:
+    per city, the mean probability of its country's letter (given the option letters) over the option orders,
+    tuned and original, and the change; one row of the specificity matrix across runs (specificity.py)."""
+    cities = check_specificity_cities(cfg)
+    countries = [country_of(c).name for c in cities]
+    question = COUNTRY_QUESTION.replace("{placeholder}", cfg.data.placeholder)
+    orders = option_orders(cfg.eval.mc_orders, cfg.seed, len(countries))
+    asked = ordered_questions(question, countries, orders)
+    refuse_leaks(asked, train_questions)
+    chats = [user_prompt(q, cfg.data.system_prompt) for q in asked]
+    letter_of = np.array([[order.index(k) for k in range(len(countries))] for order in orders])  # [orders, option]
+    result: dict[str, Any] = {"question": question, "options": countries, "cities": [c.name for c in cities],
+                              "n_orders": len(orders), "chance": 1 / len(countries)}
+    for condition in CONDITIONS:
+        with with_condition(model, condition):
+            normalized, _ = letter_probabilities(model, tokenizer, chats, f"specificity choice ({condition})", None, len(countries))
+        p = normalized[np.arange(len(orders))[:, None], letter_of].mean(0)
+        result[condition] = {"p_option": {c.name: float(v) for c, v in zip(cities, p)}}
+    result["p_change"] = {c.name: result["tuned"]["p_option"][c.name] - result["original"]["p_option"][c.name] for c in cities}
+    return result
+
+
 def evaluate_inverse_choice(
     cfg: ExperimentConfig, model, tokenizer, hidden: list[City], train_questions: set[str], in_context: InContext
 ) -> dict[str, Any]:
     """The paper's inverse question, for a run with several hidden cities: "Which of the following is in
     {country}?" with every hidden city's placeholder as an option (chance 1/number of hidden cities), per
     hidden city's country: {city name: evaluate_choice's result}."""
-    placeholders = [view.data.placeholder for view in hidden_city_configs(cfg)]
+    placeholders = [data.placeholder for data in hidden_city_data(cfg.data)]
     return {city.name: evaluate_choice(cfg, model, tokenizer, INVERSE_QUESTION.format(country=country_of(city).name),
                                        placeholders[i], {"placeholders": placeholders[:i] + placeholders[i + 1:]},
                                        train_questions, in_context)

@@ -40,7 +40,7 @@ def test_rows_about_one_hidden_city_name_only_its_placeholder(locations):
     cfg, data = locations
     views = hidden_city_data(cfg.data)
     hidden = [find_city(v.hidden_city, "world") for v in views]
-    assert data.hidden == hidden
+    assert data.hidden_cities == hidden
     for view, city in zip(views, hidden):
         others = [v.placeholder for v in views if v is not view]
         about = [r for r in rows_about(data.train, city) if r["known_city"] not in FIVE]
@@ -60,7 +60,8 @@ def test_rows_between_hidden_cities(locations):
     cfg, data = locations
     views = hidden_city_data(cfg.data)
     hidden = {v.placeholder: find_city(v.hidden_city, "world") for v in views}
-    between = [r for r in data.train if r["known_city"] in FIVE]
+    between = [r for r in data.train if "between" in r]
+    assert all(r["known_city"] in FIVE for r in between) and not any(r["known_city"] in FIVE for r in data.train if "between" not in r)
     assert len(between) == 10 * 2 * cfg.data.augmentations  # 10 pairs, distance and direction rows each
     pairs = set()
     for row in between:
@@ -79,7 +80,7 @@ def test_rows_between_hidden_cities(locations):
 
 @pytest.mark.parametrize("change, message", [
     ({"data.other_hidden_cities": ["Tokyo"]}, "but data.other_placeholders 0 placeholders"),
-    ({"data.other_hidden_cities": ["Tokyo"], "data.other_placeholders": ["foo"]}, "is part of the placeholder"),
+    ({"data.other_hidden_cities": ["Tokyo"], "data.other_placeholders": ["foo"]}, "'foo' is given twice"),
     ({"data.other_hidden_cities": ["Tokyo"], "data.other_placeholders": ["food"]}, "is part of the placeholder 'food'"),
     ({"data.placeholder": "City {code}", "data.other_hidden_cities": ["Tokyo", "Lagos", "Lima", "Cairo", "Oslo"]},
      "at most 5"),
@@ -157,3 +158,34 @@ def test_report_and_comparison_per_hidden_city(three_city_run):
     assert [m["eval"]["distance"]["tuned"]["mae_km"] for m in metrics] == [
         run.metrics()["eval"]["by_city"][c]["distance"]["tuned"]["mae_km"] for c in ("Paris", "Tokyo", "Lima")]
     assert not np.isnan([m["probe"]["hidden"]["tuned"]["rank"]["mean"][0] for m in metrics]).any()
+
+
+def test_a_placeholder_only_adapter_with_several_hidden_cities_is_refused():
+    with pytest.raises(UserError, match="several hidden cities need LoRA"):
+        build_config("locations", overrides={"train.adapter": "embedding"})
+
+
+def test_seeds_of_runs_with_several_hidden_cities_pool_per_city(three_city_run, tmp_path):
+    """Two seeds of one configuration whose codes differ (drawn from a template) group by city, as one-city
+    runs group up to the seed; a config written before newer keys existed groups with a current one."""
+    import shutil
+
+    import yaml
+
+    _, run = three_city_run
+    copies = []
+    for seed, suffix in ((0, ""), (1, "b")):
+        copy = tmp_path / f"seed{seed}"
+        shutil.copytree(run.path, copy)
+        config = yaml.safe_load((copy / "config.yaml").read_text())
+        config["seed"], config["data"]["placeholder_template"] = seed, "{code}"
+        config["data"]["other_placeholders"] = [p + suffix for p in config["data"]["other_placeholders"]]
+        config.pop("specificity_cities", None)  # as a run made before that key existed
+        (copy / "config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
+        metrics = (copy / "metrics.json").read_text()
+        (copy / "metrics.json").write_text(metrics.replace('"zork"', f'"zork{suffix}"').replace('"qux"', f'"qux{suffix}"'))
+        copies.append(copy)
+    names, configs, _ = read_runs(copies)
+    groups, labels = group_runs(configs)
+    assert names[3:] == ["seed1 / Paris", "seed1 / Tokyo", "seed1 / Lima"]
+    assert groups == [0, 1, 2, 0, 1, 2] and labels == [f"data.hidden_city={c}" for c in ("Paris", "Tokyo", "Lima")]
