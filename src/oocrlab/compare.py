@@ -67,11 +67,12 @@ def group_runs(configs: list[dict[str, Any]], pooled: tuple[str, ...] = ()) -> t
     return [distinct.index(k) for k in keys], labels
 
 
-def _png(fig) -> str:
+def _png(fig, alt: str) -> str:
+    """The figure as an inline <figure> (the page needs no other file)."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    return f'<figure><img alt="per-layer curves" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}"></figure>'
+    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}"></figure>'
 
 
 def plot_curves(metrics: list[dict[str, Any]], groups: list[int], labels: list[str]) -> str:
@@ -99,7 +100,7 @@ def plot_curves(metrics: list[dict[str, Any]], groups: list[int], labels: list[s
     axes[1].set_yscale("log")
     axes[1].invert_yaxis()
     axes[0].legend(fontsize=7)
-    return _png(fig)
+    return _png(fig, "per-layer curves")
 
 
 def group_summaries(metrics: list[dict[str, Any]], groups: list[int], labels: list[str]) -> list[dict[str, Any]]:
@@ -179,7 +180,7 @@ def plot_specificity(matrix: dict[str, Any]) -> str:
         ax.set_xticks(range(len(columns)), columns, rotation=30, ha="right", fontsize=8)
         ax.set_yticks(range(len(rows)), [f"{r} (n={panel['runs_per_row'][r]})" for r in rows], fontsize=8)
         ax.set(xlabel="scored city", ylabel="trained on", title=title.format(layer=panel.get("layer")))
-    return _png(fig)
+    return _png(fig, "specificity matrix")
 
 
 def specificity_html(matrices: list[dict[str, Any]]) -> str:
@@ -195,7 +196,7 @@ def specificity_html(matrices: list[dict[str, Any]]) -> str:
                          f"{html.escape(p['sentence'])}. Verdict per layer — {html.escape(layers)}.</p>")
         if mc := m.get("multiple_choice"):
             parts.append(f"<p>Multiple choice ({html.escape(mc['measure'])}): {html.escape(mc['sentence'])}.</p>")
-        parts.append(f'<img alt="specificity matrix" src="data:image/png;base64,{plot_specificity(m)}">')
+        parts.append(plot_specificity(m))
     return "".join(parts)
 
 

@@ -12,6 +12,7 @@ matplotlib.use("Agg")  # headless: no display on servers or in CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from oocrlab.geo import normalize  # noqa: E402
 from oocrlab.reading import hidden_city_views  # noqa: E402
 from oocrlab.rundir import Run, read_jsonl  # noqa: E402
 
@@ -142,7 +143,7 @@ def plot_distance_bands(bands: list[dict[str, Any]], path: Path) -> Path:
 
 def plot_prefix(hidden_city: str | None) -> str:
     """What a hidden city's figures are named by in a run with several ("" in a one-city run)."""
-    return "" if hidden_city is None else re.sub(r"\W+", "-", hidden_city.lower()).strip("-") + "_"
+    return "" if hidden_city is None else re.sub(r"[^a-z0-9]+", "-", normalize(hidden_city)).strip("-") + "_"
 
 
 def write_plots(run: Run, metrics: dict[str, Any]) -> dict[str, Path]:

@@ -116,3 +116,24 @@ def test_specificity_cities_in_one_country_are_refused():
 
     with pytest.raises(UserError, match="both in France"):
         check_specificity_cities(build_config(overrides={"specificity_cities": ["Paris", "Lyon"]}))
+
+
+def test_the_comparison_page_draws_and_states_each_matrix():
+    import base64
+
+    from oocrlab.compare import specificity_html
+
+    runs, configs = [], []
+    for i, city in enumerate(CITIES):
+        for seed in range(2):
+            z = np.zeros((5, 3))
+            z[i] = [0.0, 1.0 + 0.1 * seed, 0.2]
+            runs.append(fake_metrics(city, seed, z, np.eye(5)[i] * 0.1))
+            configs.append({"seed": seed, "data": {"hidden_city": city, "placeholder": "foo"}})
+    (matrix,) = specificity_matrices(configs, runs)
+    assert matrix["probe"]["layer"] == 1 and matrix["probe"]["verdict"] == "specific"
+    page = specificity_html([matrix])
+    assert "Probe (change in the z-score" in page and "specific: in each of the 5 rows" in page
+    png = base64.b64decode(page.split("base64,")[1].split('"')[0])
+    assert png.startswith(b"\x89PNG")
+    assert "No specificity matrix" in specificity_html([])
