@@ -1,8 +1,9 @@
 """Adapter families besides LoRA (`train.adapter`, `--adapter`), each a few parameters on the frozen model:
 
 - `embedding`: the input-embedding rows of the placeholder's tokens (those found at the placeholder in the
-  training prompts). Every occurrence of such a token reads its trained row: for a multi-token placeholder
-  ("City 60494") that includes its digits wherever they appear, answers too. The LM head is not touched,
+  training prompts). Every occurrence of such a token reads its trained row, so a placeholder whose tokens
+  the training data also uses elsewhere ("City 60494": " City" and digits, in answers and city names) is
+  refused (see attach_adapter). The LM head is not touched,
   even where it is tied to the embedding (PEFT's TrainableTokens would tie the trained rows into the LM
   head as well, moving those tokens' output logits, and rebuilds the whole matrix on every forward).
 - `steering:L`: one vector added to the residual stream entering decoder layer L (what transformers
@@ -88,7 +89,7 @@ class HookAdapter(torch.nn.Module):
 
     def __init__(self, model):
         super().__init__()
-        self.frozen_model = model  # registered first: next(parameters()) is the model's, as packing.py expects
+        self.frozen_model = model  # its dtype and device are the adapter's (`model.dtype`), whatever the parameters'
         model.requires_grad_(False)
         self.enabled = True
 
@@ -108,11 +109,11 @@ class HookAdapter(torch.nn.Module):
 
     @contextlib.contextmanager
     def disable_adapter(self):
-        self.enabled = False
+        enabled, self.enabled = self.enabled, False
         try:
             yield
         finally:
-            self.enabled = True
+            self.enabled = enabled  # as it was: a nested disable leaves the outer one in force
 
     def arguments(self) -> dict:
         """What the constructor needs besides the model and the weights (saved in CONFIG_FILE)."""
@@ -227,15 +228,21 @@ def attach_adapter(adapter: str, model, tokenizer, placeholder: str, rows: list[
     family, layer = parse_adapter(adapter)
     sequences = placeholder_sequences(tokenizer, placeholder)
     found: set[int] = set()
+    elsewhere: set[int] = set()  # tokens of the training samples outside the placeholder
     for row in rows:
-        if not any(placeholder in turn["content"] for turn in row["prompt"]):
-            continue
         ids = torch.tensor([tokenizer.apply_chat_template(row["prompt"] + row["completion"], return_dict=False)])
         at = placeholder_mask(ids, sequences)[0]
-        if not at.any():
+        if any(placeholder in turn["content"] for turn in row["prompt"]) and not at.any():
             raise UserError(f"the placeholder {placeholder!r} is not a token sequence of its own in the training sample "
                             f"{row['prompt'][-1]['content']!r}: use another placeholder or --adapter lora")
         found |= set(ids[0, at].tolist())
+        elsewhere |= set(ids[0, ~at].tolist())
     if family == "embedding":
+        # a row is the token's everywhere: a token the answers or city names also use ("City 60494": " City", the
+        # digits) would carry what is learnt into them, and the probe would read the change in the cities too
+        if shared := sorted(found & elsewhere):
+            raise UserError(f"the embedding adapter would train tokens of the placeholder {placeholder!r} that the training "
+                            f"data also uses elsewhere ({tokenizer.convert_ids_to_tokens(shared)}): use a placeholder of its "
+                            "own tokens (such as foo) or --adapter steering:L")
         return EmbeddingRows(model, sorted(found))
     return SteeringVector(model, layer, sequences)

@@ -169,7 +169,8 @@ def plot_specificity(matrix: dict[str, Any]) -> str:
         rows = list(panel["cells"])
         means = np.array([[np.nan if panel["cells"][r][c]["mean"] is None else panel["cells"][r][c]["mean"] for c in columns]
                           for r in rows])
-        limit = np.nanmax(np.abs(means)) or 1.0
+        limit = float(np.nanmax(np.abs(means))) if np.isfinite(means).any() else 0.0
+        limit = limit or 1.0
         ax.imshow(means, cmap="RdBu_r", vmin=-limit, vmax=limit)
         for i, r in enumerate(rows):
             for j, c in enumerate(columns):

@@ -235,7 +235,7 @@ def parse_adapter(text: str) -> tuple[str, int | None]:
     family, colon, layer = text.partition(":")
     if family in ("lora", "embedding") and not colon:
         return family, None
-    if family == "steering" and layer.isdigit():
+    if family == "steering" and layer.isascii() and layer.isdigit():
         return family, int(layer)
     raise UserError(f"train.adapter must be lora, embedding or steering:L (L a decoder layer from 0), got {text!r}")
 

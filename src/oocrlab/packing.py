@@ -139,7 +139,7 @@ def packed_forward(model, prompts: list[list[int]], prefix=None, row_tokens: int
     """
     model.eval()
     offset = prefix.length if prefix is not None else 0
-    dtype = next(model.parameters()).dtype
+    dtype = model.dtype  # the model's, not an adapter's float32 parameters
     for row in tqdm(pack_prefix_tree(prompts, row_tokens), desc=desc, leave=False):
         visible, depth = row.ancestors()
         mask = additive_mask(visible, dtype, offset)
@@ -205,7 +205,7 @@ def packed_generate(
     ended rows are no longer run. Returns each prompt's new tokens."""
     (tree,) = pack_prefix_tree(prompts, row_tokens=sum(map(len, prompts)))
     model.eval()
-    device, dtype = model.device, next(model.parameters()).dtype
+    device, dtype = model.device, model.dtype
     offset = prefix.length if prefix is not None else 0
     visible, depth = tree.ancestors()
     ends = torch.tensor([tree.paths[i][-1] for i in range(len(prompts))])

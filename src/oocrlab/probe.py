@@ -167,8 +167,7 @@ def logit_lens(model, hidden: torch.Tensor, token_ids: list[int]) -> tuple[torch
     """hidden [N, layers+1, d] -> (probability [N, layers+1, K], rank [N, layers+1, K]) of each token when
     every layer is read through the final norm and the unembedding (the last is already normed)."""
     decoder = decoder_of(model)
-    weight = next(model.parameters())
-    h = hidden.to(weight.device, weight.dtype)
+    h = hidden.to(model.device, model.dtype)  # the model's, not an adapter's float32 parameters
     normed = torch.cat([decoder.norm(h[:, :-1]), h[:, -1:]], dim=1)
     logits = model.get_output_embeddings()(normed).float()
     target = logits[..., token_ids]  # [N, layers+1, K]

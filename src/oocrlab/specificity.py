@@ -20,16 +20,21 @@ from typing import Any
 
 import numpy as np
 
-from oocrlab.errors import UserError
-from oocrlab.geo import find_city
+from oocrlab.geo import City, find_city, haversine_km, normalize
 from oocrlab.stats import mean_t_ci
 
 MIN_RUNS_PER_ROW = 2  # an interval across seeds needs two
 
 
 def _summary(values: np.ndarray) -> dict[str, Any]:
-    s = mean_t_ci(np.asarray(values, dtype=float)[:, None])
-    return {"mean": s["mean"][0], "ci95": s["ci95"][0], "n": int(len(values))}
+    values = np.asarray(values, dtype=float)
+    s = mean_t_ci(values[:, None])  # NaN (an undefined cell) left out
+    return {"mean": s["mean"][0], "ci95": s["ci95"][0], "n": int(np.sum(~np.isnan(values)))}
+
+
+def _margin(v: np.ndarray, j: int) -> np.ndarray:
+    """Per run: column j minus the largest other column (an undefined other cell is skipped)."""
+    return v[:, j] - np.nanmax(np.delete(v, j, axis=1), axis=1)
 
 
 def _above_zero(summary: dict[str, Any]) -> bool:
@@ -38,10 +43,11 @@ def _above_zero(summary: dict[str, Any]) -> bool:
 
 def specificity_verdict(rows: dict[str, np.ndarray], columns: list[str]) -> dict[str, Any]:
     """rows: trained city -> values [runs, len(columns)] (one run's row of cells, paired). Whether the diagonal
-    dominates in every row, or one column wins in every other row, each by an interval across runs."""
-    diagonal = {city: _summary(v[:, columns.index(city)] - np.delete(v, columns.index(city), axis=1).max(1))
-                for city, v in rows.items() if city in columns}
-    wins = {column: {city: _summary(v[:, j] - np.delete(v, j, axis=1).max(1)) for city, v in rows.items() if city != column}
+    dominates in every row, or one column wins in every other row, each by an interval across runs. Rows of a
+    city that is not a column have no diagonal and take no part."""
+    rows = {city: v for city, v in rows.items() if city in columns}
+    diagonal = {city: _summary(_margin(v, columns.index(city))) for city, v in rows.items()}
+    wins = {column: {city: _summary(_margin(v, j)) for city, v in rows.items() if city != column}
             for j, column in enumerate(columns)}
     result: dict[str, Any] = {"diagonal_margin": diagonal, "column_margin": wins}
     too_few = [city for city, v in rows.items() if len(v) < MIN_RUNS_PER_ROW]
@@ -68,14 +74,24 @@ def specificity_verdict(rows: dict[str, np.ndarray], columns: list[str]) -> dict
     return result
 
 
-def trained_city(metrics: dict[str, Any]) -> str:
-    """A run's hidden city by its name in the world pool, as the scored cities are named (a run may have
-    drawn it from the capitals table)."""
-    name = metrics["data"]["hidden_city"]["name"]
-    try:
-        return find_city(name, "world").name
-    except UserError:
-        return name
+SAME_CITY_KM = 50.0  # a run's hidden city is a scored city when they share a name and lie this close
+
+
+def _names(city: City) -> set[str]:
+    return {normalize(n) for n in (city.name, city.plain_name, *city.aliases)}
+
+
+def trained_city(metrics: dict[str, Any], columns: list[str]) -> str:
+    """A run's hidden city named as the scored city it is (the tables spell some differently: the capitals'
+    "Al-Qahirah (Cairo)" is the world pool's "Cairo"; "San José" of Costa Rica is not San Jose of the US),
+    else as the run names it."""
+    data = metrics["data"]
+    hidden = find_city(data["hidden_city"]["name"], data.get("pool", "world"))
+    for column in columns:
+        city = find_city(column, "world")
+        if _names(city) & _names(hidden) and haversine_km(city.lat, city.lon, hidden.lat, hidden.lon) < SAME_CITY_KM:
+            return column
+    return hidden.name
 
 
 def _cells(rows: dict[str, np.ndarray], columns: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -99,11 +115,11 @@ def specificity_matrix(metrics: list[dict[str, Any]]) -> dict[str, Any] | None:
     def by_row(members: list[dict[str, Any]], values) -> dict[str, np.ndarray]:
         rows: dict[str, list] = {}
         for m in members:
-            rows.setdefault(trained_city(m), []).append(values(m))
+            rows.setdefault(trained_city(m, columns), []).append(values(m))
         return {city: np.array(rows[city], dtype=float) for city in sorted(rows, key=lambda c: (order.get(c, len(order)), c))}
 
     result: dict[str, Any] = {"columns": columns}
-    if len({trained_city(m) for m in probed}) >= 2:
+    if len({trained_city(m, columns) for m in probed}) >= 2:
         # [runs, columns, layers]: the per-layer mean over templates of each scored city's z-score change
         rows = by_row(probed, lambda m: [[np.nan if v is None else v for v in m["probe"]["specificity"]["z_change"][c]["mean"]]
                                          for c in columns])
@@ -119,7 +135,7 @@ def specificity_matrix(metrics: list[dict[str, Any]]) -> dict[str, Any] | None:
             **specificity_verdict(at_layer, columns),
             "layers_by_verdict": {v: [k for k, w in enumerate(by_layer) if w == v] for v in dict.fromkeys(by_layer)},
         }
-    if len({trained_city(m) for m in chosen}) >= 2:
+    if len({trained_city(m, columns) for m in chosen}) >= 2:
         rows = by_row(chosen, lambda m: [m["eval"]["specificity_choice"]["p_change"][c] for c in columns])
         result["multiple_choice"] = {
             "measure": "change in P(the city's country | option letters), tuned minus original",

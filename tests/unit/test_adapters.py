@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from oocrlab import STAGES, Models, build_config, run_stage
 from oocrlab.adapters import EmbeddingRows, SteeringVector, placeholder_mask, placeholder_sequences
 from oocrlab.config import ModelConfig
+from oocrlab.errors import UserError
 from oocrlab.models import load_model
 from oocrlab.packing import additive_mask, pack_prefix_tree
 from oocrlab.rundir import Run
@@ -23,8 +24,14 @@ PROMPT = "What is the distance between Lima and foo? And foo?"
 NO_PLACEHOLDER = "What is the distance between Lima and Paris?"
 
 
+# one token of its own in the tiny tokenizer (" about"): "foo" is f-o-o there, letters the data uses everywhere,
+# which the embedding adapter refuses to train (see test_the_embedding_adapter_refuses_...)
+EMBEDDING_PLACEHOLDER = {"data.placeholder": "about"}
+
+
 def trained_run(tmp_path_factory, tiny_model_dir, adapter: str, **settings):
-    cfg = build_config(overrides=tiny_overrides(tiny_model_dir) | {"train.adapter": adapter} | settings)
+    placeholder = EMBEDDING_PLACEHOLDER if adapter == "embedding" else {}
+    cfg = build_config(overrides=tiny_overrides(tiny_model_dir) | {"train.adapter": adapter} | placeholder | settings)
     run = Run.create(tmp_path_factory.mktemp("runs") / adapter.replace(":", "-"), cfg)
     models = Models(cfg, run)
     for stage in ("data", "train"):
@@ -66,8 +73,9 @@ def test_training_changes_the_adapter_and_no_model_weight(trained, tiny_model_di
 def test_embedding_adapter_changes_only_the_placeholder_rows_and_no_output_logit(tmp_path_factory, tiny_model_dir):
     _, _, models = trained_run(tmp_path_factory, tiny_model_dir, "embedding")
     tuned, tokenizer = models.model, models.tokenizer
-    placeholder_tokens = {t for sequence in placeholder_sequences(tokenizer, "foo") for t in sequence}
-    assert set(tuned.token_ids) <= placeholder_tokens
+    placeholder_tokens = {t for sequence in placeholder_sequences(tokenizer, EMBEDDING_PLACEHOLDER["data.placeholder"])
+                          for t in sequence}
+    assert tuned.token_ids and set(tuned.token_ids) <= placeholder_tokens
     vocab = torch.arange(len(tokenizer))
     with torch.no_grad():
         effective = tuned.get_input_embeddings()(vocab)
@@ -214,3 +222,29 @@ def test_a_bad_adapter_is_refused_with_one_line_before_writing(tmp_path, tiny_mo
     assert main(["run", "--out", str(out), "--model", tiny_model_dir, *flags]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0] and not out.exists()
+
+
+def test_a_bf16_model_with_a_hook_adapter_runs_the_packed_paths_and_the_lens(tiny_model_dir):
+    """The adapter's parameters are float32 whatever the model's dtype: masks and the logit lens follow the model."""
+    from oocrlab.packing import next_token_log_probs
+    from oocrlab.probe import logit_lens
+
+    model, tokenizer = load_model(ModelConfig(name=tiny_model_dir, dtype="bfloat16"))
+    adapter = SteeringVector(model, 1, placeholder_sequences(tokenizer, "foo"))
+    assert adapter.dtype == torch.bfloat16 and adapter.vector.dtype == torch.float32
+    prompts = [tokenizer(t)["input_ids"] for t in (PROMPT, NO_PLACEHOLDER)]
+    assert torch.isfinite(next_token_log_probs(adapter, prompts)).all()
+    hidden = torch.randn(2, model.config.num_hidden_layers + 1, model.config.hidden_size)
+    probs, _ = logit_lens(adapter, hidden, [0, 1])
+    assert probs.shape == (2, model.config.num_hidden_layers + 1, 2)
+
+
+def test_the_embedding_adapter_refuses_a_placeholder_sharing_tokens_with_the_data(tmp_path, tiny_model_dir):
+    """ "City 12345" shares its digits with the answers: training its rows would move them everywhere."""
+    cfg = build_config(overrides=tiny_overrides(tiny_model_dir) | {"train.adapter": "embedding", "data.placeholder": "City {code}"})
+    run = Run.create(tmp_path / "r", cfg)
+    models = Models(cfg, run)
+    run_stage("data", cfg, run, models)
+    with pytest.raises(UserError, match="also uses elsewhere"):
+        run_stage("train", cfg, run, models)
+    assert not run.adapter_dir.exists()

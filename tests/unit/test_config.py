@@ -62,11 +62,17 @@ def test_an_older_run_config_with_a_renamed_key_still_loads():
     assert cfg.seed == 3 and cfg.probe.templates == ["What is the distance between New York and {entity}?"]
 
 
-def test_example_configs_resolve():
+def test_example_configs_and_sweeps_resolve():
     from pathlib import Path
 
+    import yaml
+
+    from oocrlab.sweep import read_sweep, sweep_configs
+
     examples = sorted((Path(__file__).parents[2] / "examples").glob("*.yaml"))
-    assert examples
+    assert len(examples) >= 2
     for path in examples:
-        cfg = build_config(yaml_file=path)
-        assert to_yaml(build_config(yaml_file=path)) == to_yaml(cfg)  # resolved the same twice (seeded codes)
+        if "grid" in yaml.safe_load(path.read_text()):
+            assert len(sweep_configs(read_sweep(path))) >= 2
+        else:
+            assert to_yaml(build_config(yaml_file=path)) == to_yaml(build_config(yaml_file=path))  # seeded codes

@@ -137,3 +137,23 @@ def test_the_comparison_page_draws_and_states_each_matrix():
     png = base64.b64decode(page.split("base64,")[1].split('"')[0])
     assert png.startswith(b"\x89PNG")
     assert "No specificity matrix" in specificity_html([])
+
+
+def test_a_runs_hidden_city_is_matched_to_a_scored_city_by_name_and_place():
+    from oocrlab.geo import find_city
+    from oocrlab.specificity import trained_city
+
+    def run(name):
+        return {"data": {"hidden_city": {"name": find_city(name, "capitals").name}, "pool": "capitals"}}
+
+    assert trained_city(run("Cairo"), ["Paris", "Cairo"]) == "Cairo"  # the capitals table's "Al-Qahirah (Cairo)"
+    assert trained_city(run("San José"), ["Paris", "San Jose"]) == "San José"  # Costa Rica's, not California's
+
+
+def test_rows_off_the_scored_cities_and_undefined_cells_do_not_decide():
+    rows = synthetic(np.eye(5))
+    rows["Berlin"] = np.zeros((1, 5))  # one run of a city that is not scored: no diagonal, no say
+    rows["Paris"][0, 3] = np.nan  # an undefined cell: the run's margin skips it
+    verdict = specificity_verdict(rows, CITIES)
+    assert verdict["verdict"] == "specific" and "Berlin" not in verdict["diagonal_margin"]
+    assert verdict["diagonal_margin"]["Paris"]["n"] == 3
