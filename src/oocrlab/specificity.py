@@ -111,15 +111,16 @@ def specificity_matrix(metrics: list[dict[str, Any]]) -> dict[str, Any] | None:
     probed = [m for m in probed if m["probe"]["specificity"]["cities"] == columns]
     chosen = [m for m in chosen if m["eval"]["specificity_choice"]["cities"] == columns]
     order = {city: i for i, city in enumerate(columns)}
+    row_of = {id(m): trained_city(m, columns) for m in probed + chosen}
 
     def by_row(members: list[dict[str, Any]], values) -> dict[str, np.ndarray]:
         rows: dict[str, list] = {}
         for m in members:
-            rows.setdefault(trained_city(m, columns), []).append(values(m))
+            rows.setdefault(row_of[id(m)], []).append(values(m))
         return {city: np.array(rows[city], dtype=float) for city in sorted(rows, key=lambda c: (order.get(c, len(order)), c))}
 
     result: dict[str, Any] = {"columns": columns}
-    if len({trained_city(m, columns) for m in probed}) >= 2:
+    if len({row_of[id(m)] for m in probed}) >= 2:
         # [runs, columns, layers]: the per-layer mean over templates of each scored city's z-score change
         rows = by_row(probed, lambda m: [[np.nan if v is None else v for v in m["probe"]["specificity"]["z_change"][c]["mean"]]
                                          for c in columns])
@@ -135,7 +136,7 @@ def specificity_matrix(metrics: list[dict[str, Any]]) -> dict[str, Any] | None:
             **specificity_verdict(at_layer, columns),
             "layers_by_verdict": {v: [k for k, w in enumerate(by_layer) if w == v] for v in dict.fromkeys(by_layer)},
         }
-    if len({trained_city(m, columns) for m in chosen}) >= 2:
+    if len({row_of[id(m)] for m in chosen}) >= 2:
         rows = by_row(chosen, lambda m: [m["eval"]["specificity_choice"]["p_change"][c] for c in columns])
         result["multiple_choice"] = {
             "measure": "change in P(the city's country | option letters), tuned minus original",

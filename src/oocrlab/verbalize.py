@@ -28,7 +28,7 @@ import torch
 from oocrlab.config import ExperimentConfig, hidden_city_data
 from oocrlab.errors import UserError
 from oocrlab.evaluate import parse_km
-from oocrlab.data import check_specificity_cities, names_hidden_city, refuse_leaks, user_prompt
+from oocrlab.data import check_specificity_cities, names_hidden_city, refuse_leaks
 from oocrlab.geo import City, distance_km, load_pool, normalize
 from oocrlab.incontext import (
     CONDITIONS_WITH_CONTEXT, InContext, chat_for, model_state, prefix_for, prompt_token_ids, stop_token_ids,
@@ -183,22 +183,30 @@ def score_multiple_choice(
     in_context: InContext | None,
 ) -> dict[str, Any]:
     """Mean P(correct | letters) and letter mass over the option orders, with bootstrap 95% intervals."""
-    orders = option_orders(cfg.eval.mc_orders, cfg.seed, 1 + len(wrong))
-    chats = [chat_for(cfg, q, condition, in_context) for q in ordered_questions(question, [answer, *wrong], orders)]
-    correct = [order.index(0) for order in orders]
-    prefix = prefix_for(condition, in_context)
-    with with_condition(model, model_state(condition)):
-        normalized, mass = letter_probabilities(model, tokenizer, chats, f"multiple choice ({condition})", prefix,
-                                                1 + len(wrong))
-    p_correct = normalized[np.arange(len(orders)), correct]
+    by_option, mass = option_probabilities(model, tokenizer, cfg, question, [answer, *wrong], condition, in_context)
+    p_correct = by_option[:, 0]
     boot = dict(samples=cfg.eval.bootstrap_samples, seed=cfg.seed)
     return {
         "p_correct": float(p_correct.mean()),
         "p_correct_ci95": bootstrap_ci(p_correct, np.mean, **boot),
         "letter_mass": float(mass.mean()),
         "letter_mass_ci95": bootstrap_ci(mass, np.mean, **boot),
-        "n_orders": len(orders),
+        "n_orders": len(mass),
     }
+
+
+def option_probabilities(
+    model, tokenizer, cfg: ExperimentConfig, question: str, options: list[str], condition: str, in_context: InContext | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(P(option k's letter | the option letters) [orders, options], probability on those letters [orders]) for
+    the question asked in each of the seeded option orders; option k as listed in `options`, whatever its letter."""
+    orders = option_orders(cfg.eval.mc_orders, cfg.seed, len(options))
+    chats = [chat_for(cfg, q, condition, in_context) for q in ordered_questions(question, options, orders)]
+    with with_condition(model, model_state(condition)):
+        normalized, mass = letter_probabilities(model, tokenizer, chats, f"multiple choice ({condition})",
+                                                prefix_for(condition, in_context), len(options))
+    letter_of = np.array([[order.index(k) for k in range(len(options))] for order in orders])  # [orders, option]
+    return normalized[np.arange(len(orders))[:, None], letter_of], mass
 
 
 def ordered_questions(question: str, options: list[str], orders: list[tuple[int, ...]]) -> list[str]:
@@ -247,16 +255,11 @@ def evaluate_specificity_choice(cfg: ExperimentConfig, model, tokenizer, train_q
     countries = [country_of(c).name for c in cities]
     question = COUNTRY_QUESTION.replace("{placeholder}", cfg.data.placeholder)
     orders = option_orders(cfg.eval.mc_orders, cfg.seed, len(countries))
-    asked = ordered_questions(question, countries, orders)
-    refuse_leaks(asked, train_questions)
-    chats = [user_prompt(q, cfg.data.system_prompt) for q in asked]
-    letter_of = np.array([[order.index(k) for k in range(len(countries))] for order in orders])  # [orders, option]
+    refuse_leaks(ordered_questions(question, countries, orders), train_questions)
     result: dict[str, Any] = {"question": question, "options": countries, "cities": [c.name for c in cities],
                               "n_orders": len(orders), "chance": 1 / len(countries)}
     for condition in CONDITIONS:
-        with with_condition(model, condition):
-            normalized, _ = letter_probabilities(model, tokenizer, chats, f"specificity choice ({condition})", None, len(countries))
-        p = normalized[np.arange(len(orders))[:, None], letter_of].mean(0)
+        p = option_probabilities(model, tokenizer, cfg, question, countries, condition, None)[0].mean(0)
         result[condition] = {"p_option": {c.name: float(v) for c, v in zip(cities, p)}}
     result["p_change"] = {c.name: result["tuned"]["p_option"][c.name] - result["original"]["p_option"][c.name] for c in cities}
     return result
