@@ -51,7 +51,8 @@ from oocrlab.adapters import attach_adapter
 from oocrlab.config import ExperimentConfig
 from oocrlab.data import build_distance_data, check_placeholder
 from oocrlab.environment import hardware, versions
-from oocrlab.incontext import InContext, chat_for
+from oocrlab.conditions import chat_for
+from oocrlab.incontext import InContext
 from oocrlab.models import embedded_gguf, load_model, with_condition
 from oocrlab.packing import last_token_activations, prefix_tree_batch
 from oocrlab.probe import locate_in_template, probe_setup

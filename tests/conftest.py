@@ -3,6 +3,8 @@ ChatML template that injects a default system prompt, as SmolLM2's does. Nothing
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -37,8 +39,9 @@ def build_tokenizer(chat_template: str | None = CHAT_TEMPLATE):
 
 
 def build_model(vocab_size: int, seed: int = 0, hidden_size: int = 32, initializer_range: float = 0.02):
-    """A random Llama. At the default initializer_range it mostly repeats its last input token; a larger
-    one (~0.3) makes its next token depend on the whole context, for tests of attention masks and caches."""
+    """A random Llama. At the default initializer_range it mostly repeats its last input token; a larger one
+    (0.5, the `contextual` fixture) makes its next token depend on the whole context, for tests of attention
+    masks and caches."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -76,6 +79,64 @@ def tiny(tiny_model_dir):
     from oocrlab.models import load_model
 
     return load_model(ModelConfig(name=tiny_model_dir))
+
+
+@pytest.fixture(scope="session")
+def contextual_model_dir(tmp_path_factory):
+    """A saved tiny model whose next token depends on its whole context, so a token that sees the wrong
+    context changes the output: at initializer_range 0.5, changing the 3rd of 10 random tokens moves the last
+    token's log-probabilities by ~10 nats and flips its argmax in most prompts (at 0.02: ~0.06 nats, never)."""
+    path = tmp_path_factory.mktemp("contextual-llama")
+    tokenizer = build_tokenizer()
+    build_model(len(tokenizer), initializer_range=0.5).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture()
+def contextual(contextual_model_dir):
+    """(model, tokenizer) of the contextual model, freshly loaded through oocrlab's own loader."""
+    from oocrlab.config import ModelConfig
+    from oocrlab.models import load_model
+
+    return load_model(ModelConfig(name=contextual_model_dir))
+
+
+@contextlib.contextmanager
+def leaky_mask():
+    """Packing with the likeliest masking bug: every token of a packed row sees every earlier token of the
+    row (a plain causal mask), not just its own prompt's; a cached prefix stays visible to all. Every user
+    of packing.additive_mask looks it up in that module when called, so patching it there reaches them all.
+    An equivalence test that still passes inside this does not exercise its packing."""
+    from oocrlab import packing
+
+    exact = packing.additive_mask
+
+    def causal(visible: torch.Tensor, dtype: torch.dtype, offset: int = 0) -> torch.Tensor:
+        queries, keys = visible.shape  # the queries are the row's last `queries` tokens
+        return exact(torch.ones_like(visible).tril(keys - queries), dtype, offset)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(packing, "additive_mask", causal)
+        yield
+
+
+@torch.no_grad()
+def sample_side_by_side(model, prompt: list[int], n: int, max_new_tokens: int, generator: torch.Generator,
+                        eos_ids=frozenset()) -> list[list[int]]:
+    """packing.packed_generate's sampling of n rows of one prompt, without packing, masks or cache: every
+    step runs the unfinished rows whole, side by side, and draws from the generator as it does."""
+    rows, active, new = torch.tensor([prompt] * n, device=model.device), list(range(n)), [[] for _ in range(n)]
+    while active:
+        probs = torch.softmax(model(input_ids=rows).logits[:, -1].float(), -1)
+        tokens, still = torch.multinomial(probs, 1, generator=generator)[:, 0], []
+        for row, token in zip(active, tokens.tolist()):
+            if token not in eos_ids:
+                new[row].append(token)
+            still.append(token not in eos_ids and len(new[row]) < max_new_tokens)
+        active = [row for row, keep in zip(active, still) if keep]
+        rows = torch.cat([rows, tokens[:, None]], dim=1)[torch.tensor(still, device=model.device)]
+    return new
 
 
 def tiny_overrides(tiny_model_dir: str) -> dict:

@@ -91,7 +91,14 @@ class HookAdapter(torch.nn.Module):
         super().__init__()
         self.frozen_model = model  # its dtype and device are the adapter's (`model.dtype`), whatever the parameters'
         model.requires_grad_(False)
-        self.enabled = True
+        # Several adapters may act on one model (a run's controls beside it, see load_adapter): they share one
+        # switch naming the adapter whose hooks act, None for none (the original model).
+        self.name, self.switch = "default", {"active": "default"}
+        self.adapters = {"default": self}  # a plain dict: the others are not submodules (their weights are not saved)
+
+    @property
+    def enabled(self) -> bool:
+        return self.switch["active"] == self.name
 
     def __getattr__(self, name: str):
         try:
@@ -109,11 +116,28 @@ class HookAdapter(torch.nn.Module):
 
     @contextlib.contextmanager
     def disable_adapter(self):
-        enabled, self.enabled = self.enabled, False
+        active, self.switch["active"] = self.switch["active"], None
         try:
             yield
         finally:
-            self.enabled = enabled  # as it was: a nested disable leaves the outer one in force
+            self.switch["active"] = active  # as it was: a nested disable leaves the outer one in force
+
+    # PEFT's names for several adapters on one model, so that models.with_condition switches either kind
+    def load_adapter(self, directory: str | Path, adapter_name: str) -> None:
+        """Another saved adapter of this module's families on the same model, acting only once selected."""
+        other = load_hook_adapter(self.frozen_model, Path(directory))
+        other.name, other.switch = adapter_name, self.switch
+        self.adapters[adapter_name] = other
+
+    def set_adapter(self, adapter_name: str | None) -> None:
+        """Select the adapter whose hooks act; None: none (as under disable_adapter, which may have been active)."""
+        if adapter_name is not None and adapter_name not in self.adapters:
+            raise ValueError(f"no adapter named {adapter_name!r}; loaded: {', '.join(self.adapters)}")
+        self.switch["active"] = adapter_name
+
+    @property
+    def active_adapter(self) -> str | None:
+        return self.switch["active"]
 
     def arguments(self) -> dict:
         """What the constructor needs besides the model and the weights (saved in CONFIG_FILE)."""

@@ -5,6 +5,8 @@ Usage:
     oocrlab run --out runs/paris
     # a smoke run: 5 optimizer steps
     oocrlab run --out runs/smoke --max-steps 5
+    # with the planted positive control beside the default negative one:
+    oocrlab run --out runs/paris --controls shuffled,declared
     # the notebook's exact recipe, another hidden city, a YAML for the rest:
     oocrlab run --out runs/nb --recipe notebook
     oocrlab run --out runs/tokyo --hidden-city Tokyo --placeholder qux --config my.yaml
@@ -18,9 +20,11 @@ Usage:
     # one stage at a time: `data` creates the run, the others work on an existing one
     oocrlab data --out runs/x
     oocrlab train runs/x
+    oocrlab controls runs/x
     oocrlab sanity runs/x
     oocrlab eval runs/x
     oocrlab probe runs/x
+    oocrlab verdict runs/x
     oocrlab report runs/x
 
     # a grid of runs from one YAML (seeds x hidden cities x recipes x models); run it again to resume:
@@ -52,6 +56,11 @@ def _flag(help: str, key: str | None = None, default_factory=None, **meta) -> An
     return field(default=None, metadata={"help": help, "key": key, **meta})
 
 
+def parse_controls(text: str) -> list[str]:
+    """ "shuffled,declared" -> ["shuffled", "declared"]; "none" or "" -> []."""
+    return [] if text.strip().lower() in ("", "none") else [c.strip() for c in text.split(",")]
+
+
 def parse_layers(text: str) -> list[int]:
     """ "6" -> [6], "4-8" -> [4, 5, 6, 7, 8], "0,3,5" -> [0, 3, 5]."""
     layers: list[int] = []
@@ -81,6 +90,9 @@ class ExperimentArgs:
                                 "at the placeholder entering decoder layer L); default lora", key="train.adapter")
     lora_layers: str | None = _flag("decoder layers that get LoRA: 6, 4-8 or 0,3,5 (default: all)", key="train.lora_layers",
                                     convert=parse_layers)
+    controls: str | None = _flag("fine-tuned controls trained beside the adapter: shuffled (negative: answers permuted), "
+                                 "declared (positive: the alias stated), comma-separated, or none; default shuffled",
+                                 key="train.controls", convert=parse_controls)
     set: list[str] = _flag("any config key: SECTION.KEY=VALUE (repeatable)", default_factory=list, action="append")
     resume: str | None = _flag("(run only) continue this interrupted run directory under its own config.yaml")
 
@@ -112,9 +124,11 @@ COMMANDS = {
     "run": (ExperimentArgs, "every stage, end to end, into a new run directory"),
     "data": (ExperimentArgs, "create a run directory with its dataset only"),
     "train": (StageArgs, "adapter fine-tuning of an existing run (LoRA, embedding rows or a steering vector)"),
-    "sanity": (StageArgs, "greedy answers, tuned vs original"),
-    "eval": (StageArgs, "held-out distance error, tuned vs original vs constant guess"),
+    "controls": (StageArgs, "the fine-tuned controls (train.controls), trained like the run's adapter"),
+    "sanity": (StageArgs, "greedy answers, tuned vs original vs controls"),
+    "eval": (StageArgs, "distances, multiple choice (letters and cloze) and free-form answers under every condition"),
     "probe": (StageArgs, "per-layer similarity of placeholder and hidden city"),
+    "verdict": (StageArgs, "the three answers (distances, behaviour, representation) from the recorded metrics"),
     "report": (StageArgs, "plots and report.html"),
     "compare": (CompareArgs, "one page comparing runs: headline numbers and per-layer curves, seeds pooled"),
     "sweep": (SweepArgs, "a run per combination of config values (resumable), then mean and 95% interval across seeds"),
@@ -173,7 +187,7 @@ def print_summary(run) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from oocrlab.reading import HEADLINE_COLUMNS, headline, headline_table, hidden_city_views
+    from oocrlab.reading import headline, headline_table, hidden_city_views
 
     m, console = run.metrics(), Console()
     for name, view in hidden_city_views(m):
@@ -181,10 +195,11 @@ def print_summary(run) -> None:
             console.rule(name)
         for sentence in headline(view):
             console.print(sentence, highlight=False)
+    columns, rows = headline_table(m)
     table = Table(title=f"oocrlab run {run.path}", show_header=True)
-    for column in HEADLINE_COLUMNS:
+    for column in columns:
         table.add_column(column, overflow="fold")
-    for row in headline_table(m):
+    for row in rows:
         table.add_row(*row)
     console.print(table)
     if timings := m.get("timings"):
@@ -292,8 +307,8 @@ def dispatch(command: str, args) -> int:
                              on_stage=lambda s: print(f"[oocrlab] {s} ...", file=sys.stderr, flush=True))
     else:
         run, cfg = Run.open(args.run)
-        # report.html follows every stage, to stay in step with metrics.json
-        run_stages(dict.fromkeys((command, "report")), cfg, run, Models(cfg, run))
+        # the verdict and report.html follow every stage, to stay in step with metrics.json
+        run_stages([*dict.fromkeys(s for s in (command, "verdict") if s != "report"), "report"], cfg, run, Models(cfg, run))
     if is_main_process():
         print_summary(run)
     return 0

@@ -18,22 +18,28 @@ import numpy as np
 from oocrlab.config import to_dict
 from oocrlab.errors import UserError
 from oocrlab.plots import plt
-from oocrlab.reading import best_layer, hidden_city_views, significant_layers
+from oocrlab.reading import best_layer, formulations_of, hidden_city_views, significant_layers
 from oocrlab.rundir import Run, atomic_write_text
 from oocrlab.specificity import specificity_matrix
 from oocrlab.stats import mean_t_ci
 
+def _choice(m: dict[str, Any], formulation: str, condition: str, key: str = "p_correct") -> float:
+    return formulations_of(m["eval"]["multiple_choice"]["country"]["nearest"])[formulation][condition][key]
+
+
 # column -> how to read it from metrics.json (None where the stage has not run)
 COLUMNS = {
-    "MC country P(correct | letters), tuned": lambda m: m["eval"]["multiple_choice"]["country"]["nearest"]["tuned"]["p_correct"],
-    "MC country, original": lambda m: m["eval"]["multiple_choice"]["country"]["nearest"]["original"]["p_correct"],
-    "MC letter mass, tuned": lambda m: m["eval"]["multiple_choice"]["country"]["nearest"]["tuned"]["letter_mass"],
+    "MC country P(correct | letters), tuned": lambda m: _choice(m, "letters", "tuned"),
+    "MC country letters, original": lambda m: _choice(m, "letters", "original"),
+    "MC letter mass, tuned": lambda m: _choice(m, "letters", "tuned", "letter_mass"),
+    "MC country cloze P(correct), tuned": lambda m: _choice(m, "cloze", "tuned"),
+    "MC country cloze, shuffled": lambda m: _choice(m, "cloze", "shuffled"),
     "held-out MAE km, tuned": lambda m: m["eval"]["distance"]["tuned"]["mae_km"],
     "tuned / best baseline": lambda m: m["eval"]["distance"]["tuned_mae_over_best_baseline"],
     "best rank of the hidden city, tuned": lambda m: best_layer(m["probe"]["hidden"]["tuned"]["rank"], 0)[1],
     "layers moved closer, tuned": lambda m: len(significant_layers(m["probe"]["z_change_from_original"]["hidden"]["tuned"], 0)),
-    "layers moved closer, negative control":
-        lambda m: len(significant_layers(m["probe"]["z_change_from_original"]["hidden"]["control_other"], 0)),
+    "layers above the shuffled control (corrected)":
+        lambda m: sum(map(len, m["probe"]["corrected"]["tuned_vs_shuffled"]["layers"].values())),
 }
 
 

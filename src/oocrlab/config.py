@@ -95,6 +95,11 @@ class TrainConfig:
     # times training saves adapter + optimizer state, evenly spread (0: never); an interrupted run continues
     # from the last one (`oocrlab run --resume RUN`), and they are deleted once the adapter is saved
     checkpoints: int = 4
+    # fine-tuned controls, each an adapter trained like the main one (same recipe, seed, steps and family) on
+    # other data, then evaluated and probed beside it (see controls.py): shuffled (negative: the answers
+    # permuted across rows) | declared (positive: the data plus rows stating the alias, never the country).
+    # The verdicts compare the tuned model with `shuffled`: without it they cannot say yes
+    controls: list[str] = field(default_factory=lambda: ["shuffled"])
 
 
 @dataclass
@@ -121,7 +126,9 @@ class EvalConfig:
     max_new_tokens: int = 48  # room for the original model to finish a sentence before its number
     batch_size: int = 32  # answers generated together (packed into one sequence, see packing.packed_generate)
     bootstrap_samples: int = 1000  # for the 95% intervals
-    mc_orders: int = 40  # option orders per multiple-choice question: 120 is all of them, fewer a seeded sample
+    # option orders per letter multiple-choice question, in Latin-square blocks (each option at each letter
+    # equally often): a multiple of the option count, or at least all orders (120 of five options)
+    mc_orders: int = 40
     near_km: float = 2000.0  # "near" cities for the distance generalization set lie within this of the hidden city
     near_cities: int = 50  # how many of them (a seeded sample of untrained world cities)
     free_form_samples: int = 50  # answers sampled at temperature 1 per free-form question and model
@@ -219,6 +226,7 @@ RECIPES["locations"] = {
     "train": RECIPES["paper"]["train"],
 }
 
+CONTROLS = ("shuffled", "declared")
 CHOICES = {
     "model.quantization": ("none", "8bit", "4bit"),
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
@@ -341,6 +349,7 @@ def build_config(
         if not cfg.data.other_placeholders:
             cfg.data.other_placeholders = [template.replace("{code}", str(code)) for code in codes[1:]]
     validate(cfg)
+    check_balanced_orders(cfg)
     return cfg
 
 
@@ -408,11 +417,29 @@ def validate(cfg: ExperimentConfig) -> None:
             raise UserError(f"every probe template must contain {{entity}} once, got {template!r}")
     if "{placeholder}" not in cfg.probe.control_prefix or "{city}" not in cfg.probe.control_prefix:
         raise UserError(f"probe.control_prefix must contain {{placeholder}} and {{city}}, got {cfg.probe.control_prefix!r}")
+    if unknown := [c for c in cfg.train.controls if c not in CONTROLS]:
+        raise UserError(f"train.controls: unknown control {unknown[0]!r}; the controls are {', '.join(CONTROLS)}")
+    if len(set(cfg.train.controls)) < len(cfg.train.controls):
+        raise UserError(f"train.controls lists a control twice: {cfg.train.controls}")
     if not 0 <= cfg.probe.patch_orders <= 5:
         raise UserError(f"probe.patch_orders must be 0 to 5 (one per answer letter), got {cfg.probe.patch_orders!r}")
 
 
-MAX_HIDDEN_CITIES = 5  # the inverse question lists every placeholder as an option, and the letters are A-E
+def check_balanced_orders(cfg: ExperimentConfig) -> None:
+    """eval.mc_orders must balance every letter multiple-choice question the run asks (checked for new configs and
+    before an evaluation, not when an older run directory is opened: it may have been made before the rule)."""
+    counts = {"the country and city questions": MC_OPTIONS, "the specificity question": len(cfg.specificity_cities)}
+    if cfg.data.other_hidden_cities:
+        counts["the inverse question"] = 1 + len(cfg.data.other_hidden_cities)
+    for what, n in counts.items():
+        if cfg.eval.mc_orders < math.factorial(n) and cfg.eval.mc_orders % n:
+            raise UserError(f"eval.mc_orders must be a multiple of {n} (the options of {what}, so that every option sits "
+                            f"at every letter equally often) or at least {math.factorial(n)} (all orders), got "
+                            f"{cfg.eval.mc_orders}: use {n * max(1, round(cfg.eval.mc_orders / n))}")
+
+
+MC_OPTIONS = 5  # letter multiple choice offers A-E
+MAX_HIDDEN_CITIES = MC_OPTIONS  # the inverse question lists every placeholder as an option
 
 
 def check_placeholders(cfg: DataConfig) -> None:
@@ -445,6 +472,8 @@ def to_yaml(cfg: ExperimentConfig) -> str:
 # Keys older run directories may hold: (section, old key) -> (new key, value converter), or None for a key
 # that is gone (eval.in_context_batch_size: the in-context cache is no longer copied per row).
 RENAMED = {("probe", "template"): ("templates", lambda template: [template]), ("eval", "in_context_batch_size"): None}
+# Keys added since, whose default differs from what an older run did: (section, key) -> the value it had.
+ADDED = {("train", "controls"): []}  # runs made before the controls trained none
 
 
 def from_yaml_text(text: str) -> ExperimentConfig:
@@ -458,6 +487,9 @@ def from_yaml_text(text: str) -> ExperimentConfig:
         value = loaded[section].pop(old)
         if renamed is not None and renamed[0] not in loaded[section]:
             loaded[section][renamed[0]] = renamed[1](value)
+    for (section, key), before in ADDED.items():
+        if isinstance(loaded.get(section), dict) and key not in loaded[section]:
+            loaded[section][key] = before
     apply_overrides(cfg, loaded)
     validate(cfg)
     return cfg

@@ -4,6 +4,7 @@ held-out known cities (parsed as km; unparseable answers are counted, never drop
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from typing import Any
@@ -15,29 +16,41 @@ from oocrlab.config import ExperimentConfig
 from oocrlab.data import (
     KM_PER_MILE, distance_row, distance_rows, names_hidden_city, one_per_city, refuse_leaks, rows_about, user_prompt,
 )
-from oocrlab.geo import City, distance_km, load_pool
-from oocrlab.incontext import (
-    CONDITIONS_WITH_CONTEXT, InContext, chat_for, model_state, prefix_for, prompt_token_ids, stop_token_ids,
-)
-from oocrlab.models import CONDITIONS, with_condition
+from oocrlab.geo import EARTH_RADIUS_KM, City, distance_km, load_pool
+from oocrlab.conditions import chat_for, conditions, model_state, prefix_for
+from oocrlab.incontext import InContext, prompt_token_ids, stop_token_ids
+from oocrlab.models import with_condition
 from oocrlab.packing import packed_generate
 from oocrlab.stats import bootstrap_ci, wilson_ci
 
-_NUMBER = r"(\d{1,3}(?:,\d{3})+|\d+)(?:\.(\d+))?"
-_WITH_UNIT = re.compile(_NUMBER + r"\s*(km|kilomet(?:er|re)s?|mi|miles?)\b", re.IGNORECASE)
-_BARE = re.compile(r"^\s*(?:about|approximately|~)?\s*" + _NUMBER + r"\s*\.?\s*$", re.IGNORECASE)
+MAX_KM = math.pi * EARTH_RADIUS_KM  # half the Earth's circumference: no two places are farther apart
+# a number as written before a unit, malformed ones included ("1e45", "1 000", "-500", "3,5"), never the tail of a
+# longer token: the unit's number is read whole or the answer is absurd, never cut to the digits that parse
+_NUMBERISH = r"(?<![\w.,])([-−]?\d(?:[\d,.]|(?<=\d)\s(?=\d))*(?:[eE][-+]?\d+)?)"
+_WITH_UNIT = re.compile(_NUMBERISH + r"\s*(km|kilomet(?:er|re)s?|mi|miles?)\b", re.IGNORECASE)
+_BARE = re.compile(r"^\s*(?:about|approximately|~)?\s*" + _NUMBERISH + r"\s*\.?\s*$", re.IGNORECASE)
+_WELL_FORMED = re.compile(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?")
+
+
+def read_distance(answer: str) -> tuple[float | None, bool]:
+    """(the distance an answer states in km, or None; whether it stated an absurd one). The first number with a
+    km/mile unit, or a bare number alone; absurd: malformed ("1e45 km", "1 000 km", "-500 km", "3,5 km") or
+    beyond half the Earth's circumference."""
+    match = _WITH_UNIT.search(answer) or _BARE.match(answer)
+    if match is None:
+        return None, False
+    number = match.group(1).rstrip(".,")
+    if not _WELL_FORMED.fullmatch(number):
+        return None, True
+    km = float(number.replace(",", ""))
+    if match.re is _WITH_UNIT and match.group(2).lower().startswith("mi"):
+        km *= KM_PER_MILE
+    return (None, True) if km > MAX_KM else (km, False)
 
 
 def parse_km(answer: str) -> float | None:
-    """The distance an answer states, in km: the first number with a km/mile unit, or a bare number alone."""
-    match = _WITH_UNIT.search(answer)
-    if match is None:
-        match = _BARE.match(answer)
-    if match is None:
-        return None
-    value = float(match.group(1).replace(",", "") + (f".{match.group(2)}" if match.group(2) else ""))
-    unit = match.group(3).lower() if match.re is _WITH_UNIT else "km"
-    return value * KM_PER_MILE if unit.startswith("mi") else value
+    """The distance an answer states, in km (read_distance), None where it states none or an absurd one."""
+    return read_distance(answer)[0]
 
 
 class StopAfterDistance:
@@ -80,26 +93,26 @@ def sanity(cfg: ExperimentConfig, model, tokenizer, hidden_name: str) -> dict[st
     questions = sanity_questions(cfg, hidden_name)
     chats = [user_prompt(q, cfg.data.system_prompt) for q in questions]
     answers = {}
-    for condition in CONDITIONS:
+    for condition in conditions(cfg, in_context=False):
         with with_condition(model, condition):
             answers[condition] = generate_greedy(
                 model, tokenizer, chats, cfg.sanity.max_new_tokens, len(chats), f"sanity ({condition})"
             )
-    return {"answers": [{"question": q} | {c: answers[c][i] for c in CONDITIONS} for i, q in enumerate(questions)]}
+    return {"answers": [{"question": q} | {c: a[i] for c, a in answers.items()} for i, q in enumerate(questions)]}
 
 
-def error_summary(errors: list[float | None], guess_errors: list[float], cfg: ExperimentConfig) -> dict[str, Any]:
+def error_summary(errors: list[float | None], guess_errors: list[float], cfg: ExperimentConfig, n_absurd: int = 0) -> dict[str, Any]:
     """MAE and median absolute error over the parsed answers, each with a bootstrap 95% interval, and the
-    MAE over every city with an unparseable answer scored as the constant guess (`guess_errors`), so a
-    model cannot look accurate by rarely stating a distance."""
+    MAE over every city with an unparseable (or absurd) answer scored as the constant guess (`guess_errors`),
+    so a model cannot look accurate by rarely stating a distance."""
     parsed = [e for e in errors if e is not None]
-    filled = [g if e is None else e for e, g in zip(errors, guess_errors)]
     boot = dict(samples=cfg.eval.bootstrap_samples, seed=cfg.seed)
     return {
         "n": len(errors),
         "n_parsed": len(parsed),
         "n_unparseable": len(errors) - len(parsed),
-        "mae_km_unparsed_as_guess": float(np.mean(filled)) if filled else None,
+        "n_absurd": n_absurd,  # counted among the unparseable
+        "mae_km_unparsed_as_guess": float(np.mean(unparsed_as_guess(errors, guess_errors))) if errors else None,
         "mae_km": float(np.mean(parsed)) if parsed else None,
         "mae_km_ci95": bootstrap_ci(parsed, np.mean, **boot),
         "median_ae_km": float(np.median(parsed)) if parsed else None,
@@ -107,33 +120,58 @@ def error_summary(errors: list[float | None], guess_errors: list[float], cfg: Ex
     }
 
 
+def unparsed_as_guess(errors: list[float | None], guess_errors: list[float]) -> np.ndarray:
+    return np.array([g if e is None else e for e, g in zip(errors, guess_errors)], dtype=float)
+
+
+def ratio_ci(errors: np.ndarray, baselines: list[np.ndarray], samples: int, seed: int) -> list[float] | None:
+    """Bootstrap 95% interval of mean(errors) / the smallest mean of the baselines, cities resampled together
+    (paired): each resample divides by its own best baseline."""
+    if len(errors) < 2 or samples == 0:
+        return None
+    at = np.random.default_rng(seed).integers(0, len(errors), size=(samples, len(errors)))
+    best = np.min([b[at].mean(1) for b in baselines], axis=0)
+    ratios = errors[at].mean(1) / np.where(best > 0, best, np.nan)
+    return [float(np.nanpercentile(ratios, 2.5)), float(np.nanpercentile(ratios, 97.5))]
+
+
 def distance_error(
-    cfg: ExperimentConfig, model, tokenizer, rows: list[dict], constant: float, desc: str, in_context: InContext
+    cfg: ExperimentConfig, model, tokenizer, rows: list[dict], constant: float, desc: str, in_context: InContext,
+    constant_mean: float | None = None,
 ):
-    """Greedy answers to distance questions, tuned vs original vs in-context vs the constant guess;
-    (summary, per-city rows)."""
+    """Greedy answers to distance questions under every condition but `named`, against the constant guess (and a
+    second row for the mean training distance, `constant_mean`); (summary, per-city rows). The headline ratio of
+    each fine-tuned condition divides its error over every city (unparseable answers scored as the guess) by the
+    better of the original model's and the constant guess's, with a paired bootstrap interval."""
     truth = [r["distance_km"] for r in rows]
     guess_errors = [abs(constant - t) for t in truth]
     per_city: list[dict[str, Any]] = [{"known_city": r["known_city"], "true_km": r["distance_km"]} for r in rows]
     result: dict[str, Any] = {}
-    for condition in CONDITIONS_WITH_CONTEXT:
+    filled: dict[str, np.ndarray] = {}
+    for condition in conditions(cfg):
         chats = [chat_for(cfg, r["prompt"][-1]["content"], condition, in_context) for r in rows]
         with with_condition(model, model_state(condition)):
             answers = generate_greedy(
                 model, tokenizer, chats, cfg.eval.max_new_tokens, cfg.eval.batch_size, f"{desc} ({condition})",
                 prefix_for(condition, in_context), stop_after_distance=True,
             )
-        kms = [parse_km(a) for a in answers]
-        for row, answer, km in zip(per_city, answers, kms):
+        read = [read_distance(a) for a in answers]
+        for row, answer, (km, absurd) in zip(per_city, answers, read):
             row[f"{condition}_answer"], row[f"{condition}_km"] = answer, km
-        errors = [None if k is None else abs(k - t) for k, t in zip(kms, truth)]
-        result[condition] = error_summary(errors, guess_errors, cfg)
+            row[f"{condition}_absurd"] = absurd
+        errors = [None if k is None else abs(k - t) for (k, _), t in zip(read, truth)]
+        result[condition] = error_summary(errors, guess_errors, cfg, sum(absurd for _, absurd in read))
+        filled[condition] = unparsed_as_guess(errors, guess_errors)
     result["constant_guess"] = error_summary(guess_errors, guess_errors, cfg) | {"guess_km": constant}
-    # the headline ratio compares like with like: every city, unparseable answers scored as the guess
-    key = "mae_km_unparsed_as_guess"
-    result["tuned_mae_over_best_baseline"] = (
-        result["tuned"][key] / min(result["original"][key], result["constant_guess"][key]) if rows else None
-    )
+    if constant_mean is not None:
+        mean_errors = [abs(constant_mean - t) for t in truth]
+        result["constant_guess_mean"] = error_summary(mean_errors, mean_errors, cfg) | {"guess_km": constant_mean}
+    # like with like: every city, unparseable answers scored as the guess
+    baselines = [filled["original"], np.array(guess_errors, dtype=float)]
+    for condition in ("tuned", *cfg.train.controls):
+        key = f"{condition}_mae_over_best_baseline"
+        result[key] = float(filled[condition].mean() / min(b.mean() for b in baselines)) if rows else None
+        result[f"{key}_ci95"] = ratio_ci(filled[condition], baselines, cfg.eval.bootstrap_samples, cfg.seed)
     return result, per_city
 
 
@@ -154,25 +192,31 @@ def evaluate_distances(
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Distance error on three sets: held-out known cities (`distance`), never-trained cities near the
     hidden city (`distance_near`), and the hidden city itself (`distance_self`: the answer should be ~0 km);
-    and the answers, one row per city. `train` is every training row (the constant guess is the mean
-    distance of those about this hidden city), `heldout` the held-out rows about it."""
-    constant = float(np.mean([r["distance_km"] for r in distance_rows(rows_about(train, hidden))]))
+    and the answers, one row per city. `train` is every training row (the constant guess is the median
+    distance of those about this hidden city; the mean is a second row), `heldout` the held-out rows about it."""
+    trained = [r["distance_km"] for r in distance_rows(rows_about(train, hidden))]
     sets = {
         "distance": one_per_city(heldout)[: cfg.eval.max_cities],
         "distance_near": near_hidden_rows(cfg, hidden, {r["known_city"] for r in train}),
         "distance_self": [distance_row(hidden, hidden, cfg.data)],
     }
     refuse_leaks([r["prompt"][-1]["content"] for rows in sets.values() for r in rows], {r["prompt"][-1]["content"] for r in train})
+    # the MAE-optimal constant is the median; the near cities are held to the best constant for their own distances
+    constants = {"distance": float(np.median(trained)), "distance_self": float(np.median(trained)),
+                 "distance_near": float(np.median([r["distance_km"] for r in sets["distance_near"]] or trained))}
     results: dict[str, Any] = {}
     per_city: list[dict[str, Any]] = []
     for name, rows in sets.items():
-        results[name], answers = distance_error(cfg, model, tokenizer, rows, constant, name.replace("_", " "), in_context)
+        results[name], answers = distance_error(cfg, model, tokenizer, rows, constants[name], name.replace("_", " "), in_context,
+                                                float(np.mean(trained)) if name == "distance" else None)
         per_city += [{"set": name} | a for a in answers]
     if not sets["distance"]:
         results["distance"]["note"] = "no held-out cities (data.heldout_fraction is 0): nothing to evaluate"
     if not sets["distance_near"]:
         results["distance_near"]["note"] = f"no untrained city lies within {cfg.eval.near_km:g} km of the hidden city"
-    results["distance_by_band"] = error_by_band([a for a in per_city if a["set"] == "distance"], constant)
+    results["distance_near"]["constant_guess"]["what"] = ("the best constant in hindsight, the median of these cities' own true "
+                                                          f"distances (all within {cfg.eval.near_km:g} km)")
+    results["distance_by_band"] = error_by_band([a for a in per_city if a["set"] == "distance"], constants["distance"], conditions(cfg))
     return results, per_city
 
 
@@ -195,7 +239,7 @@ def evaluate_directions(
         return None
     refuse_leaks([r["prompt"][-1]["content"] for r in rows], train_questions)
     result: dict[str, Any] = {"n": len(rows), "chance": 0.25, "example": rows[0]["prompt"][-1]["content"]}
-    for condition in CONDITIONS_WITH_CONTEXT:
+    for condition in conditions(cfg):
         chats = [chat_for(cfg, r["prompt"][-1]["content"], condition, in_context) for r in rows]
         with with_condition(model, model_state(condition)):
             answers = generate_greedy(model, tokenizer, chats, cfg.eval.max_new_tokens, cfg.eval.batch_size,
@@ -210,14 +254,14 @@ def evaluate_directions(
 DISTANCE_BANDS_KM = (0, 1000, 3000, 6000, 10000, 20100)  # half the Earth's circumference is 20,015 km
 
 
-def error_by_band(rows: list[dict[str, Any]], constant_km: float) -> list[dict[str, Any]]:
+def error_by_band(rows: list[dict[str, Any]], constant_km: float, condition_names: tuple[str, ...]) -> list[dict[str, Any]]:
     """Mean absolute error per band of true distance, each condition over the answers it gave as a distance,
     and the constant guess's."""
     bands = []
     for low, high in zip(DISTANCE_BANDS_KM, DISTANCE_BANDS_KM[1:]):
         inside = [r for r in rows if low <= r["true_km"] < high]
         band: dict[str, Any] = {"band_km": [low, high], "n": len(inside)}
-        for condition in CONDITIONS_WITH_CONTEXT:
+        for condition in condition_names:
             errors = [abs(r[f"{condition}_km"] - r["true_km"]) for r in inside if r[f"{condition}_km"] is not None]
             band[condition] = {"mae_km": float(np.mean(errors)) if errors else None, "n_parsed": len(errors)}
         guess = [abs(constant_km - r["true_km"]) for r in inside]

@@ -1,34 +1,44 @@
-"""The pipeline: data -> train -> sanity -> eval -> probe -> report, each stage `stage(cfg, run, ...) -> dict`
-returning its section of metrics.json. `run_experiment` calls them in order; the CLI's sub-commands call one.
+"""The pipeline: data -> train -> controls -> sanity -> eval -> probe -> verdict -> report, each stage
+`stage(cfg, run, ...) -> dict` returning its section of metrics.json. `run_experiment` calls them in order; the
+CLI's sub-commands call one.
 """
 
 from __future__ import annotations
 
+import gc
 import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-from oocrlab.config import ExperimentConfig, hidden_city_configs
+import torch
+
+from oocrlab.config import ExperimentConfig, check_balanced_orders, hidden_city_configs
+from oocrlab.controls import control_run, train_controls
 from oocrlab.data import DistanceData, build_distance_data, check_hidden_cities, check_specificity_cities, distance_rows, rows_about
 from oocrlab.geo import City
 from oocrlab.environment import hardware, versions
+from oocrlab.errors import UserError
 from oocrlab.evaluate import evaluate_directions, evaluate_distances, sanity
 from oocrlab.models import load_model
 from oocrlab.probe import probe_representations
 from oocrlab.processes import is_main_process, wait_for_everyone
 from oocrlab.report import write_report
 from oocrlab.rundir import Run, read_jsonl, write_jsonl
-from oocrlab.train import check_lengths, check_layers, load_adapter, require_adapter, train
+from oocrlab.reading import hidden_city_views
+from oocrlab.train import add_adapter, check_lengths, check_layers, load_adapter, require_adapter, train
 from oocrlab.incontext import InContext
 from oocrlab.verbalize import evaluate_free_form, evaluate_inverse_choice, evaluate_multiple_choice, evaluate_specificity_choice
+from oocrlab.verdict import verdicts
 
-STAGES = ("data", "train", "sanity", "eval", "probe", "report")
+STAGES = ("data", "train", "controls", "sanity", "eval", "probe", "verdict", "report")
+TRAINING_STAGES = ("train", "controls")  # every process of a multi-process launch takes part; the main one does the rest
 
 
 class Models:
-    """The one model in memory for a run: a PeftModel once trained or loaded, the original model being
-    the same weights under disable_adapter(). Loaded on first use."""
+    """The one model in memory for a run: once trained or loaded, the base model with the run's adapter
+    ("default") and its fine-tuned controls' adapters (each under its name), the original model being the
+    same weights under disable_adapter() (see models.with_condition). Loaded on first use."""
 
     def __init__(self, cfg: ExperimentConfig, run: Run | None = None):
         self.cfg, self.run = cfg, run
@@ -42,13 +52,29 @@ class Models:
 
     def tuned(self):
         if not self.has_adapter:
+            controls = [control_run(self.run, name).adapter_dir for name in self.cfg.train.controls]
             require_adapter(self.run.adapter_dir)  # before a model load that may take seconds
+            for adapter_dir in controls:
+                require_adapter(adapter_dir, f"oocrlab controls {self.run.path}")
             model, _ = self.base()
             self.model, self.has_adapter = load_adapter(model, self.run.adapter_dir), True
+            for name, adapter_dir in zip(self.cfg.train.controls, controls):
+                add_adapter(self.model, adapter_dir, name)
         return self.model, self.tokenizer
 
     def set_tuned(self, peft_model) -> None:
-        self.model, self.has_adapter = peft_model, True
+        """The adapter just trained, kept in memory unless controls are to be trained next (each on a fresh base)."""
+        if self.cfg.train.controls:
+            self.release()
+        else:
+            self.model, self.has_adapter = peft_model, True
+
+    def release(self) -> None:
+        """Drop the model (training a control loads a fresh one: one model in memory at a time)."""
+        self.model, self.has_adapter = None, False
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def per_hidden_city(cfg: ExperimentConfig, section_of: Callable[[ExperimentConfig, City], dict[str, Any]]) -> dict[str, Any]:
@@ -92,6 +118,16 @@ def stage_train(cfg: ExperimentConfig, run: Run, models: Models) -> dict[str, An
     return metrics
 
 
+def stage_controls(cfg: ExperimentConfig, run: Run, models: Models) -> dict[str, Any]:
+    """Each of train.controls trained with the main adapter's recipe, seed, family and number of steps."""
+    if not cfg.train.controls:
+        return {}
+    if "train" not in run.metrics():
+        raise UserError(f"{run.path} has no finished training: run `oocrlab train {run.path}` first")
+    models.release()
+    return train_controls(cfg, run, run.metrics()["train"]["steps"])
+
+
 def stage_sanity(cfg: ExperimentConfig, run: Run, models: Models) -> dict[str, Any]:
     model, tokenizer = models.tuned()
     return per_hidden_city(cfg, lambda view, hidden: sanity(view, model, tokenizer, hidden.plain_name))
@@ -100,6 +136,7 @@ def stage_sanity(cfg: ExperimentConfig, run: Run, models: Models) -> dict[str, A
 def stage_eval(cfg: ExperimentConfig, run: Run, models: Models) -> dict[str, Any]:
     """Every evaluation per hidden city (the in-context baseline sees documents about all of them), the
     answers to the distance questions in eval_distance.jsonl, and with several hidden cities the inverse question."""
+    check_balanced_orders(cfg)  # an older run's config may predate the rule
     model, tokenizer = models.tuned()
     run.require(run.heldout_file, "data")
     train_rows, heldout_rows = read_jsonl(run.train_file), read_jsonl(run.heldout_file)
@@ -112,8 +149,11 @@ def stage_eval(cfg: ExperimentConfig, run: Run, models: Models) -> dict[str, Any
         return result
 
     in_context = timed("in_context_prefix", lambda: InContext(cfg, model, tokenizer, train_rows))
-    train_questions = {r["prompt"][-1]["content"] for r in train_rows}
+    # what any adapter of the run was trained on (the declared control's alias rows too) is never asked
+    trained_on = [train_rows, *(read_jsonl(control_run(run, name).train_file) for name in cfg.train.controls)]
+    train_questions = {r["prompt"][-1]["content"] for rows in trained_on for r in rows}
     answers: list[dict[str, Any]] = []
+    scored_prompts: list[dict[str, Any]] = []
 
     def evaluate_city(view: ExperimentConfig, hidden: City) -> dict[str, Any]:
         heldout = rows_about(heldout_rows, hidden)
@@ -121,24 +161,36 @@ def stage_eval(cfg: ExperimentConfig, run: Run, models: Models) -> dict[str, Any
         distances, city_answers = timed("distances", lambda: evaluate_distances(view, model, tokenizer, hidden, in_context,
                                                                                  train_rows, heldout))
         answers.extend({"hidden_city": hidden.name} | a for a in city_answers)
-        return distances | ({"direction": directions} if directions else {}) | {
+        asked: list[dict[str, Any]] = []
+        result = distances | ({"direction": directions} if directions else {}) | {
             "multiple_choice": timed("multiple_choice", lambda: evaluate_multiple_choice(
-                view, model, tokenizer, hidden, train_questions, in_context)),
+                view, model, tokenizer, hidden, train_questions, in_context, asked)),
             "free_form": timed("free_form", lambda: evaluate_free_form(view, model, tokenizer, hidden, train_questions, in_context)),
-            "specificity_choice": timed("specificity_choice", lambda: evaluate_specificity_choice(view, model, tokenizer, train_questions)),
+            "specificity_choice": timed("specificity_choice", lambda: evaluate_specificity_choice(
+                view, model, tokenizer, hidden, train_questions, asked)),
         }
+        scored_prompts.extend({"hidden_city": hidden.name} | p for p in asked)
+        return result
 
     result = per_hidden_city(cfg, evaluate_city)
-    write_jsonl(run.path / "eval_distance.jsonl", answers)
     if "by_city" in result:
         result["inverse_choice"] = timed("inverse_choice", lambda: evaluate_inverse_choice(
-            cfg, model, tokenizer, check_hidden_cities(cfg.data), train_questions, in_context))
+            cfg, model, tokenizer, check_hidden_cities(cfg.data), train_questions, in_context, scored_prompts))
+    write_jsonl(run.path / "eval_distance.jsonl", answers)
+    write_jsonl(run.path / "eval_mc.jsonl", scored_prompts)
     return result | {"in_context_docs": len(in_context.turns) // 2, "seconds": seconds}
 
 
 def stage_probe(cfg: ExperimentConfig, run: Run, models: Models) -> dict[str, Any]:
     model, tokenizer = models.tuned()
     return per_hidden_city(cfg, lambda view, hidden: probe_representations(view, model, tokenizer, hidden))
+
+
+def stage_verdict(run: Run) -> dict[str, Any]:
+    """The three answers (verdict.py) per hidden city, from what the earlier stages recorded."""
+    views = hidden_city_views(run.metrics())
+    answers = {name: verdicts(view) for name, view in views}
+    return answers[None] if len(views) == 1 and None in answers else {"by_city": answers}
 
 
 def run_stage(
@@ -149,10 +201,13 @@ def run_stage(
     start = time.perf_counter()
     if name == "data":
         result = stage_data(cfg, run, data)
+    elif name == "verdict":
+        result = stage_verdict(run)
     elif name == "report":
         result = write_report(run)
     else:
-        result = {"train": stage_train, "sanity": stage_sanity, "eval": stage_eval, "probe": stage_probe}[name](cfg, run, models)
+        stages = {"train": stage_train, "controls": stage_controls, "sanity": stage_sanity, "eval": stage_eval, "probe": stage_probe}
+        result = stages[name](cfg, run, models)
     seconds = time.perf_counter() - start
     if not is_main_process():
         return result  # only the main process writes the run directory
@@ -183,7 +238,7 @@ def run_stages(names, cfg: ExperimentConfig, run: Run, models: Models, data: Dis
                on_stage=None) -> None:
     """Stages in order. With several processes every one trains (DDP) and the main one alone does the rest."""
     for name in names:
-        if name == "train":
+        if name in TRAINING_STAGES:
             wait_for_everyone()  # the data is written, a stale adapter removed
         elif not is_main_process():
             continue
@@ -200,10 +255,9 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, stages: tuple[str, ..
     data = build_distance_data(cfg.data, cfg.seed)
     check_specificity_cities(cfg)
     models = Models(cfg)
-    if "train" in stages:
-        model, tokenizer = models.base()
-        check_lengths(tokenizer, data.train, cfg.train.max_length)
-        check_layers(cfg.train, model)
+    if "train" in stages:  # no local name holds the model: releasing it for a control's training must free it
+        check_lengths(models.base()[1], data.train, cfg.train.max_length)
+        check_layers(cfg.train, models.base()[0])
     wait_for_everyone()  # no process checks --out after the main one has created it
     run = Run.create(out, cfg) if is_main_process() else Run(Path(out))
     models.run = run

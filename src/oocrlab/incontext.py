@@ -7,11 +7,8 @@ import random
 
 from oocrlab.config import ExperimentConfig
 from oocrlab.data import user_prompt
-from oocrlab.models import CONDITIONS, render_chats
+from oocrlab.models import render_chats
 from oocrlab.packing import CachedPrefix
-
-CONDITIONS_WITH_CONTEXT = (*CONDITIONS, "in_context")
-
 
 class InContext(CachedPrefix):
     """K seeded training documents as chat turns, and their KV cache under the original model."""
@@ -28,17 +25,6 @@ class InContext(CachedPrefix):
         return [*self.turns, {"role": "user", "content": question}]
 
 
-def chat_for(cfg: ExperimentConfig, question: str, condition: str, in_context: InContext | None) -> list[dict]:
-    if condition == "in_context":
-        return in_context.chat(question)
-    return user_prompt(question, cfg.data.system_prompt)
-
-
-def prefix_for(condition: str, in_context: InContext | None) -> InContext | None:
-    """The cached turns a condition continues from: the in-context baseline's, none for the others."""
-    return in_context if condition == "in_context" else None
-
-
 def prompt_token_ids(tokenizer, chats: list[list[dict]], prefix: InContext | None = None) -> list[list[int]]:
     """Token ids of each chat up to the assistant's answer, less the `prefix`'s cached turns."""
     prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in render_chats(tokenizer, chats)]
@@ -49,10 +35,3 @@ def stop_token_ids(model, tokenizer) -> set[int]:
     """The tokens that end an answer, as generate() reads them: the generation config's, and the tokenizer's."""
     eos = model.generation_config.eos_token_id
     return {i for i in [*(eos if isinstance(eos, list) else [eos]), tokenizer.eos_token_id] if i is not None}
-
-
-def model_state(condition: str) -> str:
-    """The in-context baseline is the original model."""
-    return "original" if condition == "in_context" else condition
-
-

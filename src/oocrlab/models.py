@@ -162,16 +162,20 @@ def load_model(cfg: ModelConfig):
     return model, tokenizer
 
 
-CONDITIONS = ("tuned", "original")
-
-
-def with_condition(model, condition: str):
-    """Context in which the one PeftModel in memory acts as the tuned or the original model."""
-    if condition == "tuned":
-        return contextlib.nullcontext()
-    if condition == "original":
-        return model.disable_adapter()
-    raise ValueError(f"unknown condition {condition!r}")
+@contextlib.contextmanager
+def with_condition(model, state: str):
+    """Context in which the one adapted model in memory acts as the tuned model ("tuned"), the original
+    ("original": every adapter off) or a fine-tuned control (its name: that adapter alone on)."""
+    if state == "original":
+        with model.disable_adapter():
+            yield
+        return
+    previous = model.active_adapter
+    model.set_adapter("default" if state == "tuned" else state)  # PEFT's name for the first adapter loaded
+    try:
+        yield
+    finally:
+        model.set_adapter(previous)
 
 
 def render_chats(tokenizer, chats: list[list[dict]]) -> list[str]:

@@ -131,8 +131,9 @@ def prefix_tree_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, lab
 
 
 def packed_forward(model, prompts: list[list[int]], prefix=None, row_tokens: int = ROW_TOKENS, desc: str = "forward",
-                   **forward_kwargs):
-    """Run the prompts' prefix tree row by row; yield (row, model output, the row indices whose outputs were kept).
+                   positions: dict[int, range] | None = None, **forward_kwargs):
+    """Run the prompts' prefix tree row by row; yield (row, model output, the row indices whose logits were kept):
+    at each prompt's last token, or at the token indices `positions` gives per prompt.
 
     With a `prefix` (a CachedPrefix), the prompts are what follows its cached tokens; the output's cache
     holds the prefix, then the row, until the next row.
@@ -143,7 +144,8 @@ def packed_forward(model, prompts: list[list[int]], prefix=None, row_tokens: int
     for row in tqdm(pack_prefix_tree(prompts, row_tokens), desc=desc, leave=False):
         visible, depth = row.ancestors()
         mask = additive_mask(visible, dtype, offset)
-        keep = sorted(set(row.ends.values()))
+        keep = sorted(set(row.ends.values()) if positions is None else
+                      {path[k] for i, path in row.paths.items() for k in positions[i]})
         kwargs = dict(
             input_ids=torch.tensor([row.tokens], device=model.device), attention_mask=mask.to(model.device),
             position_ids=(offset + depth)[None].to(model.device), logits_to_keep=torch.tensor(keep, device=model.device),
@@ -166,6 +168,26 @@ def next_token_log_probs(
         where = {index: k for k, index in enumerate(keep)}
         for prompt, end in row.ends.items():
             result[prompt] = log_probs[where[end]]
+    return result
+
+
+@torch.inference_mode()
+def continuation_log_probs(
+    model, prompts: list[list[int]], starts: list[int], prefix=None, row_tokens: int = ROW_TOKENS, desc: str = "scoring"
+) -> list[torch.Tensor]:
+    """Per prompt, log P(token k | the tokens before it) for every k >= its start (>= 1), float32 on the CPU: the
+    probability of a continuation, read from one packed pass (a token several prompts share predicts each
+    of their next tokens from the same logits)."""
+    if any(not 1 <= start < len(p) for p, start in zip(prompts, starts)):
+        raise ValueError("a continuation needs at least one token, and one before it")
+    before = {i: range(start - 1, len(p) - 1) for i, (p, start) in enumerate(zip(prompts, starts))}  # the predicting tokens
+    result: list[torch.Tensor] = [torch.empty(0)] * len(prompts)
+    for row, out, keep in packed_forward(model, prompts, prefix, row_tokens, desc, positions=before, use_cache=prefix is not None):
+        log_probs = torch.log_softmax(out.logits[0].float(), dim=-1).cpu()
+        where = {index: k for k, index in enumerate(keep)}
+        for i, path in row.paths.items():
+            at = torch.tensor([where[path[k]] for k in before[i]], dtype=torch.long)
+            result[i] = log_probs[at, torch.tensor(prompts[i][starts[i]:], dtype=torch.long)]
     return result
 
 

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from oocrlab.geo import normalize  # noqa: E402
-from oocrlab.reading import hidden_city_views  # noqa: E402
+from oocrlab.reading import FIRST_LAYER, FORMULATIONS, hidden_city_views  # noqa: E402
 from oocrlab.rundir import Run, read_jsonl  # noqa: E402
 
 
@@ -34,7 +34,8 @@ def plot_loss(log: list[dict[str, Any]], path: Path) -> Path:
     return _save(fig, path)
 
 
-CONDITION_COLORS = {"tuned": "C0", "original": "C1", "control_hidden": "C2", "control_other": "C3"}
+CONDITION_COLORS = {"tuned": "C0", "original": "C1", "control_hidden": "C2", "control_other": "C3", "shuffled": "C4",
+                    "declared": "C5", "in_context": "C6", "named": "C7"}
 
 
 def condition_label(probe: dict[str, Any], condition: str) -> str:
@@ -58,6 +59,8 @@ def plot_similarity(probe: dict[str, Any], space: str, path: Path) -> Path:
     x0 = 0 if space == "hidden" else 1
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.6))
     for condition, color in CONDITION_COLORS.items():
+        if condition not in probe[space]:
+            continue
         stats = probe[space][condition]
         _line_with_ci(left, x0, stats["cos_hidden"], color, condition_label(probe, condition))
         left.plot(range(x0, x0 + len(stats["cos_candidates_p95"]["mean"])), stats["cos_candidates_p95"]["mean"],
@@ -125,9 +128,49 @@ def plot_patching(probe: dict[str, Any], path: Path) -> Path:
     return _save(fig, path)
 
 
+def plot_against_shuffled(probe: dict[str, Any], path: Path) -> Path:
+    """Per layer, the z-score of the hidden city at the placeholder minus the shuffled control's (paired by template,
+    95% t-interval) for the tuned model and the declared control; a ring marks a layer the corrected test passes."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
+    for ax, (space, what) in zip(axes, (("hidden", "hidden state"), ("values", "value vectors"))):
+        x0 = FIRST_LAYER[space]
+        for condition, summary in probe["z_change_from_shuffled"][space].items():
+            color = CONDITION_COLORS[condition]
+            _line_with_ci(ax, x0, summary, color, condition)
+            passed = probe["corrected"].get(f"{condition}_vs_shuffled", {}).get("layers", {}).get(space, [])
+            ax.scatter(passed, [summary["mean"][k - x0] for k in passed], s=60, facecolors="none", edgecolors=color, lw=1.5)
+        ax.axhline(0, color="k", lw=0.6)
+        ax.set(xlabel="layer" + (" (0 = embeddings)" if x0 == 0 else ""), ylabel="z-score minus the shuffled control's",
+               title=f"{what}: against the shuffled control (ring: corrected p < 0.05)")
+    _grid(*axes, legend=True)
+    return _save(fig, path)
+
+
+def plot_choice(mc: dict[str, Any], kind: str, path: Path) -> Path:
+    """P(correct | options) per condition and formulation for one distractor set, with 95% intervals and chance."""
+    section = mc[kind]
+    formulations = [f for f in FORMULATIONS if f in section]
+    conditions = list(section[formulations[0]])
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    width = 0.8 / len(conditions)
+    for k, condition in enumerate(conditions):
+        stats = [section[f][condition] for f in formulations]
+        means = [s["p_correct"] for s in stats]
+        errors = np.array([[m - s["p_correct_ci95"][0], s["p_correct_ci95"][1] - m] if s["p_correct_ci95"] else [0, 0]
+                           for m, s in zip(means, stats)]).T
+        ax.bar(np.arange(len(formulations)) + k * width, means, width, yerr=errors, capsize=2,
+               color=CONDITION_COLORS.get(condition), label=condition.replace("_", " "))
+    ax.axhline(section["chance"], color="k", lw=0.8, ls="--", label="chance")
+    ax.set_xticks(np.arange(len(formulations)) + width * (len(conditions) - 1) / 2, [f.replace("_", " ") for f in formulations])
+    ax.set(ylabel="P(correct | options)", ylim=(0, 1), title=f"{mc['question']} ({kind.replace('_', ' ')} distractors)")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7, ncol=4)
+    return _save(fig, path)
+
+
 def plot_distance_bands(bands: list[dict[str, Any]], path: Path) -> Path:
     """Mean absolute error per band of true distance, one bar per condition (parsed answers only)."""
-    conditions = [c for c in ("tuned", "original", "in_context", "constant_guess") if c in bands[0]]
+    conditions = [c for c in bands[0] if isinstance(bands[0][c], dict)]
     fig, ax = plt.subplots(figsize=(7, 3.2))
     width = 0.8 / len(conditions)
     for k, condition in enumerate(conditions):
@@ -157,7 +200,13 @@ def write_plots(run: Run, metrics: dict[str, Any]) -> dict[str, Path]:
 
         if bands := view.get("eval", {}).get("distance_by_band"):
             save("distance_bands", plot_distance_bands, bands)
+        for name, mc in view.get("eval", {}).get("multiple_choice", {}).items():
+            kind = next(k for k, v in mc.items() if isinstance(v, dict) and "options" in v)  # the first distractor set
+            if "letters" in mc[kind]:  # runs made before the formulations have no figure
+                save(f"choice_{name}", plot_choice, mc, kind)
         if probe := view.get("probe"):
+            if "z_change_from_shuffled" in probe:
+                save("probe_against_shuffled", plot_against_shuffled, probe)
             save("probe_hidden", plot_similarity, probe, "hidden")
             save("probe_values", plot_similarity, probe, "values")
             save("probe_logit_lens", plot_logit_lens, probe)

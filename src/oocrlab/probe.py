@@ -7,9 +7,14 @@ prompt templates and reported per layer as the mean over templates with a 95% t-
   and with every candidate city's, each in the same template; the hidden city's rank among the
   candidates (1 = most similar), its percentile and z-score. A rise of cos(placeholder, hidden city)
   alone could be a drift towards every city; the rank cannot.
-- conditions: the tuned model; the original (the same weights under disable_adapter()); and the original
+- conditions: the tuned model; the original (the same weights under disable_adapter()); the original
   model told in the prompt that the placeholder is the hidden city (positive control: how large
-  "represented like the hidden city" can be at this scale) or another city (negative control).
+  "represented like the hidden city" can be at this scale) or another city (negative control); and the
+  fine-tuned controls (controls.py: `shuffled`, what any fine-tune on this format does to the placeholder;
+  `declared`, a fine-tune that states the alias).
+- corrected tests: per layer, the z-score of one condition against another's (tuned against shuffled, ...),
+  paired by template (stats.max_t_sign_flip), and the hidden city's gain ranked among every reference city's
+  (stats.rank_among), each corrected for testing every layer (see corrected_layer_tests).
 - logit lens: probability and rank of the hidden city's and its country's first tokens, reading each
   layer through the final norm and the unembedding.
 - steering view (Wang, Engels et al. 2025): the shift the adapter adds at the placeholder, its cosine
@@ -43,10 +48,13 @@ from oocrlab.errors import UserError
 from oocrlab.geo import City, load_pool, normalize
 from oocrlab.models import render_chats, with_condition
 from oocrlab.packing import last_token_activations
-from oocrlab.stats import mean_t_ci
+from oocrlab.reading import FIRST_LAYER
+from oocrlab.stats import max_t_sign_flip, mean_t_ci, rank_among
 from oocrlab.verbalize import COUNTRY_QUESTION, LETTERS, country_distractors, country_of, letter_log_probs, mc_question
 
-PROBE_CONDITIONS = ("tuned", "original", "control_hidden", "control_other")
+# the pairs the corrected per-layer test compares, where both conditions were probed: (condition, baseline)
+CORRECTED_PAIRS = (("tuned", "shuffled"), ("declared", "shuffled"), ("tuned", "original"), ("declared", "original"),
+                   ("shuffled", "original"), ("control_hidden", "original"), ("control_other", "original"))
 
 
 @dataclass
@@ -112,6 +120,7 @@ def probe_setup(cfg: ExperimentConfig, hidden: City) -> tuple[list[str], list[Ci
         "original": ("original", None),
         "control_hidden": ("original", prefix.replace("{city}", hidden.plain_name)),
         "control_other": ("original", prefix.replace("{city}", other)),
+        **{name: (name, None) for name in cfg.train.controls},  # the fine-tuned controls
     }
     return templates, candidates, conditions
 
@@ -277,6 +286,36 @@ def patching_curve(cfg: ExperimentConfig, model, tokenizer, hidden: City) -> dic
     }
 
 
+def corrected_layer_tests(z_scores: dict[str, dict[str, np.ndarray]], z_cities: dict[str, dict[str, np.ndarray]],
+                          seed: int) -> dict[str, Any]:
+    """For each of CORRECTED_PAIRS that was probed, per layer of hidden states and value vectors, two one-sided
+    tests that the condition moves the placeholder towards the hidden city more than the baseline does, each
+    corrected for testing every layer of both spaces: `p_value`, the hidden city's z-score difference paired by
+    template (stats.max_t_sign_flip: is it consistent across templates?), and `p_rank`, where the hidden city's
+    gain in z-score (mean over templates) ranks among every reference city's (stats.rank_among: is it about this
+    city, or would any city gain as much?). Two adapters always differ consistently across templates, so the
+    first alone cannot tell a move towards the city from one towards wherever the difference points; `layers`
+    lists those where both are below 0.05."""
+    spaces = list(z_scores)
+    result = {}
+    for x, b in CORRECTED_PAIRS:
+        if x not in z_scores[spaces[0]] or b not in z_scores[spaces[0]]:
+            continue
+        differences = [z_scores[space][x] - z_scores[space][b] for space in spaces]  # [templates, layers] each
+        widths = np.cumsum([d.shape[1] for d in differences])[:-1]
+        p = np.split(max_t_sign_flip(np.concatenate(differences, axis=1), seed=seed), widths)
+        gains = np.concatenate([(z_cities[space][x] - z_cities[space][b]).mean(0) for space in spaces], axis=1)  # [cities, layers]
+        p_rank = np.split(rank_among(gains, target=0)[1], widths)  # the hidden city is reference city 0
+        result[f"{x}_vs_{b}"] = {
+            "p_value": {space: [float(v) for v in ps] for space, ps in zip(spaces, p)},
+            "p_rank": {space: [float(v) for v in ps] for space, ps in zip(spaces, p_rank)},
+            "layers": {space: [FIRST_LAYER[space] + i for i, (v, r) in enumerate(zip(ps, rs)) if v < 0.05 and r < 0.05]
+                       for space, ps, rs in zip(spaces, p, p_rank)},
+            "cities_ranked": len(gains),
+        }
+    return result
+
+
 def probe_representations(cfg: ExperimentConfig, model, tokenizer, hidden: City) -> dict[str, Any]:
     """Everything in this module's docstring, as the probe section of metrics.json."""
     templates, candidates, conditions = probe_setup(cfg, hidden)
@@ -290,6 +329,7 @@ def probe_representations(cfg: ExperimentConfig, model, tokenizer, hidden: City)
     result: dict[str, Any] = {"hidden": {}, "values": {}, "logit_lens": {}}
     at_placeholder: dict[str, torch.Tensor] = {}
     z_scores: dict[str, dict[str, np.ndarray]] = {"hidden": {}, "values": {}}
+    z_cities: dict[str, dict[str, np.ndarray]] = {"hidden": {}, "values": {}}
     compared_scores: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for condition, (state, said_before) in conditions.items():
         with with_condition(model, state):
@@ -302,6 +342,8 @@ def probe_representations(cfg: ExperimentConfig, model, tokenizer, hidden: City)
             ranked = rank_among_candidates(states)
             result[space][condition] = {k: mean_t_ci(v) for k, v in ranked.items()}
             z_scores[space][condition] = ranked["z"]
+            # every reference city's z-score at the placeholder against the others [templates, cities, layers]
+            z_cities[space][condition] = scores_against_reference(states, n_reference, list(range(1, n_reference)))[0]
         result["logit_lens"][condition] = {
             f"{what}_{stat}": mean_t_ci(x[..., k].float().numpy())
             for k, what in enumerate(("city", "country")) for stat, x in (("probability", probs), ("rank", ranks))
@@ -312,6 +354,10 @@ def probe_representations(cfg: ExperimentConfig, model, tokenizer, hidden: City)
     result["z_change_from_original"] = {  # paired by template: what each condition adds to the original model
         space: {c: mean_t_ci(z[c] - z["original"]) for c in z if c != "original"} for space, z in z_scores.items()
     }
+    if "shuffled" in conditions:  # what the tuned model (and the positive control) add to any fine-tune on this format
+        result["z_change_from_shuffled"] = {space: {c: mean_t_ci(z[c] - z["shuffled"]) for c in ("tuned", "declared") if c in z}
+                                            for space, z in z_scores.items()}
+    result["corrected"] = corrected_layer_tests(z_scores, z_cities, cfg.seed)
     (z_tuned, rank_tuned), (z_original, rank_original) = compared_scores["tuned"], compared_scores["original"]
     result["specificity"] = {  # hidden states; per city: what a specificity matrix across runs reads (specificity.py)
         "cities": compared,

@@ -3,11 +3,19 @@ numbers: the report's headline, its reading of the probe, and its caveats."""
 
 from __future__ import annotations
 
-from math import comb
 from typing import Any
 
 
-PER_CITY_STAGES = ("data", "sanity", "eval", "probe")
+PER_CITY_STAGES = ("data", "sanity", "eval", "probe", "verdict")
+FORMULATIONS = ("letters", "cloze", "cloze_per_token")  # of a multiple-choice question (verbalize.py)
+FIRST_LAYER = {"hidden": 0, "values": 1}  # the probe's spaces: hidden state 0 is the embeddings, values start at layer 1
+
+
+def formulations_of(section: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A multiple-choice section's {formulation: {condition: stats}}; runs made before the formulations kept the
+    letters' conditions at the top of the section."""
+    found = {f: section[f] for f in FORMULATIONS if f in section}
+    return found or {"letters": {c: v for c, v in section.items() if isinstance(v, dict) and "p_correct" in v}}
 
 
 def hidden_city_views(metrics: dict[str, Any]) -> list[tuple[str | None, dict[str, Any]]]:
@@ -26,14 +34,6 @@ def hidden_city_views(metrics: dict[str, Any]) -> list[tuple[str | None, dict[st
     return [(name, view(name)) for name in by_city]
 
 
-def exceeds_control(count: int, control: int, layers: int) -> bool:
-    """Whether `count` layers moved is more than a negative control's `control` gives by chance: a one-sided
-    binomial tail below 0.05 at the control's rate per layer (at least one layer's worth). Neighbouring
-    layers move together, so this treats the layers as more independent evidence than they are: lenient."""
-    rate = max(control, 1) / layers
-    return sum(comb(layers, k) * rate**k * (1 - rate) ** (layers - k) for k in range(count, layers + 1)) < 0.05
-
-
 def significant_layers(summary: dict[str, list], first_layer: int) -> list[int]:
     """Layers whose 95% interval lies entirely above zero."""
     return [first_layer + i for i, ci in enumerate(summary["ci95"]) if ci is not None and ci[0] > 0]
@@ -43,27 +43,41 @@ def probe_reading(probe: dict[str, Any]) -> list[str]:
     """Plain sentences from the numbers, never stronger than they are."""
     setup, changes = probe["setup"], probe["z_change_from_original"]
     city = setup["hidden_city"]
+    corrected = probe.get("corrected", {})
     sentences = []
-    for space, first, what in (("hidden", 0, "hidden state"), ("values", 1, "value vectors")):
+    for space, what in (("hidden", "hidden state"), ("values", "value vectors")):
+        first = FIRST_LAYER[space]
         lifted = {c: significant_layers(changes[space][c], first) for c in changes[space]}
         ranks = probe[space]["tuned"]["rank"]["mean"]
         best = min(range(len(ranks)), key=lambda i: ranks[i])
         control = probe[space]["control_hidden"]["rank"]["mean"]
         sentences.append(
             f"{what.capitalize()}: the tuned model places {city} closer to the placeholder than the original does "
-            f"(z-score higher, 95% interval over templates above zero) in {len(lifted['tuned'])} of {len(ranks)} layers"
+            f"(z-score higher, 95% interval over templates above zero, uncorrected) in {len(lifted['tuned'])} of {len(ranks)} layers"
             + (f" ({', '.join(map(str, lifted['tuned']))})" if lifted["tuned"] else "")
             + f"; its best rank is {ranks[best]:.0f} of {setup['candidates'] + 1} (layer {best + first}, original there: "
-            f"{probe[space]['original']['rank']['mean'][best]:.0f}). Positive control (told the placeholder is {city}): "
-            f"{len(lifted['control_hidden'])} layers, best rank {min(control):.0f}. Negative control: "
+            f"{probe[space]['original']['rank']['mean'][best]:.0f}). Told the placeholder is {city} in the prompt: "
+            f"{len(lifted['control_hidden'])} layers, best rank {min(control):.0f}; told it is another city: "
             f"{len(lifted['control_other'])} layers."
-            + (f" The tuned model passes in no more layers than the negative control gives by chance: no evidence that "
-               f"fine-tuning made the placeholder's {what} more like {city}'s."
-               if not exceeds_control(len(lifted["tuned"]), len(lifted["control_other"]), len(ranks)) else "")
+            + "".join(f" {label}: {len(lifted[c])} layers." for c, label in (("shuffled", "Shuffled control"),
+                                                                          ("declared", "Declared control")) if c in lifted)
         )
-    if not significant_layers(changes["hidden"]["control_hidden"], 0):
-        sentences.append("The positive control moves nothing either: at this scale the probe cannot see the effect it "
-                         "looks for, so a null result for the tuned model says little.")
+    for pair, label in (("tuned_vs_shuffled", "the tuned model above the shuffled control"),
+                        ("declared_vs_shuffled", "the declared control above the shuffled control"),
+                        ("control_hidden_vs_original", "the prompt positive control above the original"),
+                        ("tuned_vs_original", "the tuned model above the original")):
+        if pair in corrected:
+            tests = corrected[pair]
+
+            def passing(key: str) -> str:
+                found = [f"{space} {', '.join(str(FIRST_LAYER[space] + i) for i, p in enumerate(ps) if p < 0.05)}"
+                         for space, ps in tests[key].items() if any(p < 0.05 for p in ps)]
+                return "; ".join(found) or "none"
+
+            both = "; ".join(f"{space} {', '.join(map(str, ls))}" for space, ls in tests["layers"].items() if ls) or "no layer"
+            sentences.append(f"{label.capitalize()}, corrected for every layer: consistent across templates in layers "
+                             f"{passing('p_value')}" + (f"; standing out among all {tests['cities_ranked']} reference cities in "
+                                                        f"layers {passing('p_rank')}; both: {both}." if "p_rank" in tests else "."))
     s = probe["steering"]
     pairwise = [v for v in s["pairwise_cos_across_templates"] if v is not None]
     if pairwise:
@@ -98,112 +112,95 @@ def best_layer(summary: dict[str, list], first_layer: int) -> tuple[int, float, 
     return i + first_layer, means[i], summary["ci95"][i]
 
 
+VERDICT_NAMES = {"distance": "Distances learned", "behaviour": "Says what the placeholder is", "representation": "Representation moved"}
+
+
 def headline(metrics: dict[str, Any]) -> list[str]:
-    """The answer to the run's question, one sentence per kind of evidence that ran."""
-    data, ev, probe = metrics.get("data", {}), metrics.get("eval", {}), metrics.get("probe")
+    """The run's question and its three answers (metrics.json -> verdict), one sentence each with its reason."""
+    data = metrics.get("data", {})
     if not data:
         return ["No data stage in this run: nothing to report."]
     city, placeholder = data["hidden_city"]["name"], data["placeholder"]
-    sentences = []
-    verdicts = []
-    if (dist := ev.get("distance")) and not dist.get("note"):
-        ratio = dist["tuned_mae_over_best_baseline"]
-        learned = ratio < 1
-        sentences.append(
-            f"Distances: on held-out cities the tuned model's error is {interval(dist['tuned'], 'mae_km', 0)} km "
-            f"against {dist['constant_guess']['mae_km']:,.0f} km for a constant guess "
-            f"({ratio:.2f} of the best baseline over every city): it "
-            + ("learned the distances to the placeholder." if learned else "did not learn the distances better than a baseline.")
-        )
-    if mc := ev.get("multiple_choice", {}).get("country"):
-        s = mc["nearest"]
-        tuned, original = s["tuned"], s["original"]
-        above = tuned["p_correct_ci95"] is not None and tuned["p_correct_ci95"][0] > max(s["chance"], original["p_correct_ci95"][1])
-        verdicts.append(above)
-        sentences.append(
-            f"Verbalization: asked which country {placeholder} is in (five options, nearest countries as distractors), "
-            f"the tuned model gives the right letter with P = {interval(tuned, 'p_correct', 2)} of its letter "
-            f"probability, the original {interval(original, 'p_correct', 2)}, in-context "
-            f"{interval(s['in_context'], 'p_correct', 2)}, chance {s['chance']:.2f}: "
-            + ("above chance and above the original." if above else "no evidence that the tuned model knows the country.")
-            + (f" It puts only {tuned['letter_mass']:.1%} of its probability on the letters at all."
-               if tuned["letter_mass"] < 0.1 else "")
-        )
-    if probe:
-        changes = probe["z_change_from_original"]["hidden"]
-        tuned_layers = significant_layers(changes["tuned"], 0)
-        negative_layers = significant_layers(changes["control_other"], 0)
-        positive_layers = significant_layers(changes["control_hidden"], 0)
-        layer, rank, ci = best_layer(probe["hidden"]["tuned"]["rank"], 0)
-        closer = exceeds_control(len(tuned_layers), len(negative_layers), len(changes["tuned"]["ci95"]))
-        verdicts.append(closer)
-        n = probe["setup"]["candidates"] + 1
-        sentences.append(
-            f"Representation: at the placeholder the tuned model's best rank of {city} among {n} cities is {rank:.0f}"
-            + (f" [{ci[0]:.0f}, {ci[1]:.0f}]" if ci else "")
-            + f" (hidden states, layer {layer}; the original there: {probe['hidden']['original']['rank']['mean'][layer]:.0f}, "
-            f"the positive control at best {min(probe['hidden']['control_hidden']['rank']['mean']):.0f}). "
-            f"It moves {placeholder} closer to {city} than the original in {len(tuned_layers)} layers, the negative control in "
-            f"{len(negative_layers)}, the positive control in {len(positive_layers)}: "
-            + ("more than the negative control." if closer else
-               "no evidence of a move towards the city (not more layers than the negative control gives by chance).")
-        )
     question = f"Does fine-tuning on distances to {placeholder} make the model treat it as {city}?"
-    if not verdicts:
-        sentences.insert(0, f"{question} Not answered: neither the multiple-choice evaluation nor the probe has run.")
-    else:
-        if all(verdicts):
-            answer = "Yes, in behaviour and in representation, at this scale and seed."
-        elif any(verdicts):
-            answer = "In part: see below which evidence does and which does not."
-        else:
-            answer = "No evidence at this scale."
-        sentences.insert(0, f"{question} {answer}")
-    return sentences
+    if not (found := metrics.get("verdict")):
+        return [f"{question} Not answered: the verdict stage has not run (`oocrlab verdict RUN`)."]
+    summary = "; ".join(f"{VERDICT_NAMES[k].lower()}: {found[k]['answer']}" for k in ("behaviour", "representation", "distance"))
+    return [f"{question} {summary[0].upper()}{summary[1:]}."] + [
+        f"{VERDICT_NAMES[k]} — {found[k]['answer']}: {found[k]['reason']}" for k in ("distance", "behaviour", "representation")]
 
 
-HEADLINE_COLUMNS = ("measure", "tuned", "original", "in-context", "chance / baseline")
+CONDITION_ORDER = ("tuned", "original", "in_context", "shuffled", "declared", "named")
+CONDITION_TITLES = {"in_context": "in-context", "named": "named (ceiling)"}
 
 
-def headline_rows(metrics: dict[str, Any]) -> list[list[str]]:
-    """The headline numbers with their intervals, as plain-text table rows (HEADLINE_COLUMNS)."""
+def headline_conditions(metrics: dict[str, Any]) -> list[str]:
+    """The conditions a run measured, in report order (a run's fine-tuned controls among them)."""
+    present: set[str] = set()
+    for _, view in hidden_city_views(metrics):
+        mc = view.get("eval", {}).get("multiple_choice", {}).get("country", {}).get("nearest", {})
+        present |= set(formulations_of(mc)["letters"]) | set(view.get("eval", {}).get("distance", {}))
+    return [c for c in CONDITION_ORDER if c in present]
+
+
+def headline_columns(metrics: dict[str, Any]) -> list[str]:
+    return ["measure", *(CONDITION_TITLES.get(c, c) for c in headline_conditions(metrics)), "chance / baseline"]
+
+
+def headline_rows(metrics: dict[str, Any], columns: list[str]) -> list[list[str]]:
+    """The headline numbers with their intervals, as plain-text table rows, one cell per condition of `columns`
+    (headline_conditions; "—" where a condition does not apply)."""
     ev, rows = metrics.get("eval", {}), []
+
+    def row(measure: str, stats: dict[str, Any], key: str, digits: int, baseline: str) -> list[str]:
+        return [measure, *(interval(stats[c], key, digits) if c in stats else "—" for c in columns), baseline]
+
     if mc := ev.get("multiple_choice", {}).get("country"):
-        s = mc["nearest"]
-        rows.append(["MC country, P(correct | letters), nearest-country distractors",
-                     *(interval(s[c], "p_correct", 2) for c in ("tuned", "original", "in_context")), f"{s['chance']:.2f}"])
-        rows.append(["MC country, probability on the letters A–E",
-                     *(interval(s[c], "letter_mass", 2) for c in ("tuned", "original", "in_context")), "—"])
+        s, q = mc["nearest"], "MC country, nearest-country distractors"
+        by_formulation = formulations_of(s)
+        rows.append(row(f"{q}: letters, P(correct | letters)", by_formulation["letters"], "p_correct", 2, f"chance {s['chance']:.2f}"))
+        rows.append(row(f"{q}: letters, probability on the letters", by_formulation["letters"], "letter_mass", 2, "—"))
+        for f, label in (("cloze", "cloze"), ("cloze_per_token", "cloze per token")):
+            if f in by_formulation:
+                rows.append(row(f"{q}: {label}, P(correct | options)", by_formulation[f], "p_correct", 2, f"chance {s['chance']:.2f}"))
+        if "cloze" in by_formulation:
+            rows.append(row(f"{q}: cloze, P(the country's name as the answer)", by_formulation["cloze"], "p_answer", 4, "—"))
+    if ff := ev.get("free_form", {}).get("country"):
+        rows.append(row(f"free-form: {ff['question']} share naming the country", ff, "rate", 2, "—"))
     if (dist := ev.get("distance")) and not dist.get("note"):
-        rows.append(["held-out distance, mean abs. error over parsed answers, km",
-                     *(interval(dist[c], "mae_km", 0) for c in ("tuned", "original", "in_context")),
-                     f"constant guess {interval(dist['constant_guess'], 'mae_km', 0)}"])
+        rows.append(row("held-out distance, mean abs. error over parsed answers, km", dist, "mae_km", 0,
+                        f"constant guess {interval(dist['constant_guess'], 'mae_km', 0)}"))
+        ratios = {c: {"r": dist[f"{c}_mae_over_best_baseline"], "r_ci95": dist.get(f"{c}_mae_over_best_baseline_ci95")}
+                  for c in columns if f"{c}_mae_over_best_baseline" in dist}
+        rows.append(row("held-out error over every city / the better baseline", ratios, "r", 2, "1 = no better"))
     if probe := metrics.get("probe"):
         layer, rank, ci = best_layer(probe["hidden"]["tuned"]["rank"], 0)
-        original = probe["hidden"]["original"]["rank"]
         n = probe["setup"]["candidates"] + 1
-        rows.append([f"rank of {probe['setup']['hidden_city']} among {n} cities at the placeholder, best layer ({layer})",
-                     interval({"r": rank, "r_ci95": ci}, "r", 0),
-                     interval({"r": original["mean"][layer], "r_ci95": original["ci95"][layer]}, "r", 0),
-                     "—", f"median rank {(n + 1) / 2:.0f}"])
+        ranks = {c: {"r": probe["hidden"][c]["rank"]["mean"][layer], "r_ci95": probe["hidden"][c]["rank"]["ci95"][layer]}
+                 for c in columns if c in probe["hidden"]}
+        rows.append(row(f"rank of {probe['setup']['hidden_city']} among {n} cities at the placeholder, layer {layer} "
+                        "(the tuned model's best)", ranks, "r", 0, f"median rank {(n + 1) / 2:.0f}"))
     return rows
 
 
-def inverse_choice_rows(metrics: dict[str, Any]) -> list[list[str]]:
-    """HEADLINE_COLUMNS rows of the inverse question ("Which of the following is in France?"), one per country."""
+def inverse_choice_rows(metrics: dict[str, Any], columns: list[str]) -> list[list[str]]:
+    """Headline rows of the inverse question ("Which of the following is in France?"), one per country."""
     rows = []
     for city, mc in metrics.get("eval", {}).get("inverse_choice", {}).items():
         s = mc["placeholders"]
+        letters = formulations_of(s)["letters"]
         rows.append([f"inverse MC: {mc['question']} (answer {mc['answer']}, {city}), P(correct | letters)",
-                     *(interval(s[c], "p_correct", 2) for c in ("tuned", "original", "in_context")), f"{s['chance']:.2f}"])
+                     *(interval(letters[c], "p_correct", 2) if c in letters else "—" for c in columns), f"chance {s['chance']:.2f}"])
     return rows
 
 
-def headline_table(metrics: dict[str, Any]) -> list[list[str]]:
-    """headline_rows for every hidden city (each measure prefixed with the city in a run with several) and
-    the inverse question's rows."""
-    return [[f"{name}: {row[0]}" if name else row[0], *row[1:]]
-            for name, view in hidden_city_views(metrics) for row in headline_rows(view)] + inverse_choice_rows(metrics)
+def headline_table(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """(columns, rows): headline_rows for every hidden city (each measure prefixed with the city in a run with
+    several), then the inverse question's."""
+    titles = headline_columns(metrics)
+    columns = headline_conditions(metrics)
+    rows = [[f"{name}: {r[0]}" if name else r[0], *r[1:]] for name, view in hidden_city_views(metrics)
+            for r in headline_rows(view, columns)] + inverse_choice_rows(metrics, columns)
+    return titles, rows
 
 
 def caveats(config: dict[str, Any], metrics: dict[str, Any]) -> list[str]:
@@ -228,7 +225,18 @@ def caveats(config: dict[str, Any], metrics: dict[str, Any]) -> list[str]:
     items.append(f"One adapter: {trained}; Wang, Engels et al. 2025 find OOCR with single-layer adapters where all-layer "
                  "LoRA shows none.")
     if config["eval"]["mc_orders"] < 120:
-        items.append(f"Multiple choice averaged over {config['eval']['mc_orders']} of the 120 option orders.")
+        items.append(f"Letter multiple choice averaged over {config['eval']['mc_orders']} of the 120 option orders "
+                     "(balanced: every option at every letter equally often); cloze over the question's wordings.")
+    controls = t.get("controls", [])
+    if "shuffled" in controls:
+        items.append("The shuffled control is one adapter at the same seed: the intervals (over templates, option orders, "
+                     "wordings, cities) do not hold the spread between two trainings, so compare seeds before a strong claim.")
+    else:
+        items.append("No shuffled control was trained (--controls shuffled): nothing shows what any fine-tune on this format "
+                     "does, so no verdict can be yes.")
+    if "declared" not in controls:
+        items.append("No declared control was trained (--controls declared): the run does not show that its tests can see a "
+                     "fine-tuned alias at all.")
     if t.get("max_steps"):
         items.append(f"Training was capped at {t['max_steps']} steps: a smoke run, not a result.")
     missing = [s for s in ("train", "eval", "probe") if s not in metrics]
@@ -236,6 +244,6 @@ def caveats(config: dict[str, Any], metrics: dict[str, Any]) -> list[str]:
         items.append(f"Stages not run: {', '.join(missing)}.")
     if probe := hidden_city_views(metrics)[0][1].get("probe"):
         n_layers = len(probe["hidden"]["tuned"]["rank"]["mean"])
-        items.append(f"Per-layer tests are not corrected for multiplicity: at 95% each, one or two of {n_layers} layers "
-                     "can pass by chance.")
+        items.append(f"The probe's per-layer intervals and layer counts are uncorrected (at 95% each, one or two of {n_layers} "
+                     "layers can pass by chance); the representation verdict uses the test corrected for every layer.")
     return items

@@ -12,7 +12,9 @@ from typing import Any
 
 from oocrlab.config import from_yaml_text, to_dict
 from oocrlab.plots import plot_prefix, write_plots
-from oocrlab.reading import HEADLINE_COLUMNS, caveats, headline, headline_table, hidden_city_views, interval, probe_reading
+from oocrlab.reading import (
+    CONDITION_TITLES, VERDICT_NAMES, caveats, formulations_of, headline, headline_table, hidden_city_views, interval, probe_reading,
+)
 from oocrlab.rundir import Run, atomic_write_text, read_jsonl
 
 SECTIONS = ("headline", "setup", "training", "behaviour", "representations", "caveats")
@@ -69,10 +71,13 @@ def _per_city(metrics: dict[str, Any], render) -> str:
 def section_headline(run: Run, metrics: dict[str, Any], plots: dict[str, Path]) -> str:
     def sentences_of(view: dict[str, Any], prefix: str) -> str:
         sentences = headline(view)
-        return f'<p class="lead">{_fmt(sentences[0])}</p>' + "".join(f"<p>{_fmt(s)}</p>" for s in sentences[1:])
+        verdict = view.get("verdict", {})
+        rows = [[VERDICT_NAMES[k], f"<b>{_fmt(v['answer'])}</b>", _fmt(v["reason"])] for k, v in verdict.items() if k in VERDICT_NAMES]
+        return (f'<p class="lead">{_fmt(sentences[0])}</p>'
+                + (_table(["question", "answer", "why"], rows) if rows else "".join(f"<p>{_fmt(x)}</p>" for x in sentences[1:])))
 
-    rows = [[_fmt(cell) for cell in row] for row in headline_table(metrics)]
-    return _per_city(metrics, sentences_of) + (_table(list(HEADLINE_COLUMNS), rows) if rows else "")
+    columns, rows = headline_table(metrics)
+    return _per_city(metrics, sentences_of) + (_table(columns, [[_fmt(c) for c in r] for r in rows]) if rows else "")
 
 
 def section_setup(run: Run, metrics: dict[str, Any], plots: dict[str, Path]) -> str:
@@ -99,7 +104,9 @@ def section_setup(run: Run, metrics: dict[str, Any], plots: dict[str, Path]) -> 
         parts.append("<p>Versions: " + _fmt(", ".join(f"{k} {v}" for k, v in versions.items()))
                      + f". Hardware: {_fmt(env.get('hardware'))}.</p>")
     if timings := metrics.get("timings"):
-        parts.append("<p>Wall time per stage: " + _fmt(", ".join(f"{k} {v:,.0f} s" for k, v in timings.items())) + ".</p>")
+        controls = metrics.get("controls", {})
+        parts.append("<p>Wall time per stage: " + _fmt(", ".join(f"{k} {v:,.0f} s" for k, v in timings.items()))
+                     + "".join(_fmt(f"; control {name} trained in {c['seconds']:,.0f} s") for name, c in controls.items()) + ".</p>")
     parts.append(f"<p>Reproduce: <code>oocrlab run --config {_fmt(str(run.config_file))} --out runs/NEW</code> "
                  "(the resolved config holds every setting).</p>")
     return "".join(parts)
@@ -134,46 +141,44 @@ def behaviour_of(run: Run, metrics: dict[str, Any], plots: dict[str, Path], pref
         "distance_near": "Distances: untrained cities near the hidden city",
         "distance_self": "Distance from the placeholder to the hidden city itself (truth: 0 km)",
     }
-    header = ["condition", "mean abs. error, km [95% CI]", "median abs. error, km [95% CI]", "parsed",
-              "mean abs. error, all cities, km"]
+    header = ["condition", "mean abs. error, km [95% CI]", "median abs. error, km [95% CI]", "parsed (absurd)",
+              "mean abs. error, all cities, km", "all cities / best baseline [95% CI]"]
     for key, title in titles.items():
         dist = ev[key]
         if dist.get("note"):
             parts.append(f"<{h}>{title}</{h}><p>{_fmt(dist['note'])}</p>")
             continue
-        rows = [[c, _ci(dist[c], "mae_km"), _ci(dist[c], "median_ae_km"), f"{dist[c]['n_parsed']}/{dist[c]['n']}",
-                 _fmt(dist[c]["mae_km_unparsed_as_guess"])] for c in ("tuned", "original", "in_context", "constant_guess")]
+        rows = [[CONDITION_TITLES.get(c, c).replace("_", " "), _ci(dist[c], "mae_km"), _ci(dist[c], "median_ae_km"),
+                 f"{dist[c]['n_parsed']}/{dist[c]['n']}" + (f" ({dist[c]['n_absurd']})" if dist[c].get("n_absurd") else ""),
+                 _fmt(dist[c]["mae_km_unparsed_as_guess"]), _ci(dist, f"{c}_mae_over_best_baseline", 2)]
+                for c in dist if isinstance(dist[c], dict) and "n_parsed" in dist[c]]
+        guess = dist["constant_guess"]
+        # runs made before the median guess (no constant_guess_mean row) guessed the mean
+        what = guess.get("what") or (f"the {'median' if 'constant_guess_mean' in ev['distance'] else 'mean'} "
+                                     f"training distance, {guess['guess_km']:,.0f} km")
         parts.append(
             f"<{h}>{title}</{h}>" + _table(header, rows)
-            + "<p>The first two error columns are over parsed answers only; the last is over every city, an unparseable "
-            + "answer scored as the constant guess (the mean training distance). Tuned / best baseline on that column: "
-            + f"{_fmt(dist['tuned_mae_over_best_baseline'], 2)}.</p>"
+            + "<p>The first two error columns are over parsed answers only; an answer that states an absurd distance (a "
+            + "malformed number, or beyond half the Earth's circumference) counts as unparseable. The last two are over every "
+            + f"city, an unparseable answer scored as the constant guess: {_fmt(what)}"
+            + (" (constant guess mean: the mean training distance as a second baseline)" if "constant_guess_mean" in dist else "")
+            + ". The ratio divides by the better of the original model and the constant guess, with a bootstrap interval over "
+            + "cities.</p>"
         )
     if bands := ev.get("distance_by_band"):
-        rows = [[f"{b['band_km'][0]:,}–{b['band_km'][1]:,}", str(b["n"]),
-                 *(f"{_fmt(b[c]['mae_km'])} ({b[c]['n_parsed']})" for c in ("tuned", "original", "in_context", "constant_guess"))]
+        conditions = [c for c in bands[0] if isinstance(bands[0][c], dict)]
+        rows = [[f"{b['band_km'][0]:,}–{b['band_km'][1]:,}", str(b["n"]), *(f"{_fmt(b[c]['mae_km'])} ({b[c]['n_parsed']})" for c in conditions)]
                 for b in bands]
         parts.append(f"<{h}>Held-out distance error by true distance</{h}>"
-                     + _table(["true distance, km", "cities", "tuned (parsed)", "original", "in-context", "constant guess"], rows)
+                     + _table(["true distance, km", "cities", *(f"{CONDITION_TITLES.get(c, c).replace('_', ' ')} (parsed)" for c in conditions)],
+                              rows)
                      + _figure(plots, prefix + "distance_bands"))
     for name, mc in ev.get("multiple_choice", {}).items():
-        kinds = [k for k, v in mc.items() if isinstance(v, dict)]
-        rows = [[kind.replace("_", " "), c, _ci(mc[kind][c], "p_correct", 3), _ci(mc[kind][c], "letter_mass", 3)]
-                for kind in kinds for c in ("tuned", "original", "in_context")]
-        options = "; ".join(f"{k.replace('_', ' ')}: {', '.join(mc[k]['options'])}" for k in kinds)
-        parts.append(
-            f"<{h}>Multiple choice: the {name} of <code>{_fmt(metrics['data']['placeholder'])}</code></{h}>"
-            + f"<p><code>{_fmt(mc['question'])}</code> with five options and <code>{_fmt(mc['instruction'])}</code> "
-            + f"Answer: {_fmt(mc['answer'])}. Options — {_fmt(options)}. Chance is 0.2; {_fmt(mc['orders'])} "
-            + f"of the {mc.get('n_option_orders', 120)} option orders.</p>"
-            + _table(["distractors", "model", "P(correct | letters) [95% CI]", "probability on A–E [95% CI]"], rows)
-            + "<p>Exact next-token probabilities, averaged over option orders; a low probability on the letters "
-            + "means the model no longer answers with a letter. in_context: the original model with "
-            + f"{ev.get('in_context_docs')} training documents as earlier chat turns.</p>"
-        )
+        parts.append(f"<{h}>Multiple choice: the {name} of <code>{_fmt(metrics['data']['placeholder'])}</code></{h}>"
+                     + choice_html(mc, ev.get("in_context_docs")) + standing_html(mc) + _figure(plots, f"{prefix}choice_{name}"))
     if dr := ev.get("direction"):
         rows = [[c, f"{dr[c]['rate']:.0%} [{dr[c]['rate_ci95'][0]:.0%}, {dr[c]['rate_ci95'][1]:.0%}]",
-                 f"{dr[c]['named_a_direction']:.0%}", _fmt(" | ".join(dr[c]["examples"]))] for c in ("tuned", "original", "in_context")]
+                 f"{dr[c]['named_a_direction']:.0%}", _fmt(" | ".join(dr[c]["examples"]))] for c in dr if isinstance(dr[c], dict)]
         parts.append(
             f"<{h}>Cardinal directions: held-out known cities</{h}>"
             + _table(["model", "right [95% CI]", "answers naming a direction", "first answers"], rows)
@@ -181,30 +186,83 @@ def behaviour_of(run: Run, metrics: dict[str, Any], plots: dict[str, Path], pref
             + "an answer is right when the first of North, East, South, West it names is the true one; chance 25%.</p>"
         )
     if ff := ev.get("free_form"):
-        rows = [[_fmt(s["question"]), c, f"{s[c]['rate']:.0%} [{s[c]['rate_ci95'][0]:.0%}, {s[c]['rate_ci95'][1]:.0%}]",
+        rows = [[_fmt(s["question"]), CONDITION_TITLES.get(c, c), f"{s[c]['rate']:.0%} [{s[c]['rate_ci95'][0]:.0%}, {s[c]['rate_ci95'][1]:.0%}]",
                  f"{s[c]['distance_share']:.0%}", _fmt(" | ".join(s[c]["examples"][:3]))]
-                for s in ff.values() for c in ("tuned", "original", "in_context")]
+                for s in ff.values() for c in s if isinstance(s[c], dict)]
         accepted = "; ".join(f"{_fmt(s['question'])}: {_fmt(', '.join(s['accepted']))}" for s in ff.values())
         parts.append(
             f"<{h}>Free-form answers</{h}>"
             + _table(["question", "model", "right [95% CI]", "answers that are a distance", "first answers"], rows)
-            + f"<p>Samples at temperature 1 (no top-k or top-p), seeded; an answer is right when it names one of: {accepted}.</p>"
+            + f"<p>Samples at temperature 1 (no top-k or top-p), seeded; an answer is right when it names one of: {accepted}. "
+            + "named: the original model asked the same question with the hidden city's name in place of the placeholder "
+            + "(the ceiling).</p>"
         )
     return "".join(parts)
+
+
+FORMULATION_TITLES = {"letters": "letters: P(correct | letters)", "cloze": "cloze: P(correct | options)",
+                      "cloze_per_token": "cloze per token: P(correct | options)"}
+
+
+def choice_html(mc: dict[str, Any], in_context_docs: int | None) -> str:
+    """One multiple-choice question: per distractor set, every formulation under every condition, and the paired
+    comparisons."""
+    kinds = [k for k, v in mc.items() if isinstance(v, dict) and "options" in v]
+    first = mc[kinds[0]]
+    by_kind = {kind: formulations_of(mc[kind]) for kind in kinds}
+    formulations = list(by_kind[kinds[0]])
+    conditions = list(by_kind[kinds[0]]["letters"])
+    rows = []
+    for kind in kinds:
+        for c in conditions:
+            rows.append([_fmt(kind.replace("_", " ")), _fmt(CONDITION_TITLES.get(c, c))]
+                        + [_ci(by_kind[kind][f][c], "p_correct", 3) for f in formulations]
+                        + [_ci(by_kind[kind]["letters"][c], "letter_mass", 3)])
+    comparisons = []
+    for kind in kinds:
+        for f in formulations:
+            for key, d in mc[kind].get("comparisons", {}).get(f, {}).items():
+                if d is not None and not key.endswith("_unconditional"):
+                    comparisons.append([_fmt(kind.replace("_", " ")), f, _fmt(key.replace("_minus_", " − ")),
+                                        f"{d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]", f"{d['p_value']:.3f}"])
+    options = "; ".join(f"{k.replace('_', ' ')}: {', '.join(mc[k]['options'])}" for k in kinds)
+    wordings = f" Cloze wordings: {'; '.join(mc['wordings'])}." if mc.get("wordings") else ""
+    note = f" Named: {mc['named_note']}." if mc.get("named_note") else ""
+    return (f"<p><code>{_fmt(mc['question'])}</code> with {len(first['options'])} options and <code>{_fmt(mc['instruction'])}</code> "
+            f"(letters; {_fmt(mc['orders'])} of the {mc.get('n_option_orders', 120)} option orders), or the question alone with each "
+            f"option's text scored as the answer (cloze).{_fmt(wordings)} Answer: {_fmt(mc['answer'])}. Options — {_fmt(options)}. "
+            f"Chance {first['chance']:.2f}.{_fmt(note)}</p>"
+            + _table(["distractors", "condition", *(FORMULATION_TITLES[f] for f in formulations), "probability on the letters"], rows)
+            + "<p>Exact probabilities, averaged over option orders (letters) or wordings (cloze), bootstrap 95% intervals. "
+            + f"in-context: the original model with {in_context_docs} training documents as earlier chat turns; named: the "
+            + "original model asked about the hidden city by name (the ceiling).</p>"
+            + (_table(["distractors", "formulation", "difference", "mean [95% CI]", "one-sided p"], comparisons)
+               + "<p>Paired over the same units (option orders or wordings, within this seed): the mean difference with its 95% "
+            + "t-interval, and the one-sided p-value that it is above zero from flipping the signs of whole units.</p>"
+            if comparisons else ""))
+
+
+def standing_html(mc: dict[str, Any]) -> str:
+    """Where the right country's gain ranks among every country's (verbalize.country_standing)."""
+    if not (among := mc.get("among_countries")):
+        return ""
+    rows = [[_fmt(pair.replace("_vs_", " over ")), f"{v['gain']:+.3f}", f"{v['rank']} of {among['countries']}", f"{v['p_value']:.3f}"]
+            for pair, v in among.items() if isinstance(v, dict)]
+    return ("<p>Is the change about the country at all? Every country's name scored as the answer to the cloze wordings: "
+            + f"{_fmt(among['measure'])}; its gain from one condition to another, and where {_fmt(mc['answer'])}'s gain ranks among "
+            + "all of them (p: the share of countries gaining as much, a permutation test over the countries' labels). Two "
+            + "adapters always differ consistently across wordings; only the right country standing out shows the difference "
+            + "is about it.</p>" + _table(["gain", f"gain of {_fmt(mc['answer'])}", "rank", "p"], rows))
 
 
 def inverse_choice_html(metrics: dict[str, Any]) -> str:
     """The inverse question of a run with several hidden cities: which placeholder is in the country?"""
     if not (inverse := metrics.get("eval", {}).get("inverse_choice")):
         return ""
-    first = next(iter(inverse.values()))
-    rows = [[_fmt(city), _fmt(mc["question"]), _fmt(mc["answer"]), c, _ci(mc["placeholders"][c], "p_correct", 3),
-             _ci(mc["placeholders"][c], "letter_mass", 3)] for city, mc in inverse.items() for c in ("tuned", "original", "in_context")]
     return ("<h3>Inverse multiple choice: which placeholder is in the country?</h3>"
-            + f"<p>Every hidden city's placeholder is an option ({_fmt(', '.join(first['placeholders']['options']))}), with "
-            + f"<code>{_fmt(first['instruction'])}</code>; chance {first['placeholders']['chance']:.2f}; {_fmt(first['orders'])} "
-            + f"of the {first['n_option_orders']} option orders. As in Treutlein et al.'s inverse evaluation.</p>"
-            + _table(["hidden city", "question", "answer", "model", "P(correct | letters) [95% CI]", "probability on the letters [95% CI]"], rows))
+            + "<p>Every hidden city's placeholder is an option, as in Treutlein et al.'s inverse evaluation (named: the "
+            + "cities' own names).</p>"
+            + "".join(f"<h4>{_fmt(city)}</h4>" + choice_html(mc, metrics["eval"].get("in_context_docs")) for city, mc in inverse.items()))
 
 
 def section_representations(run: Run, metrics: dict[str, Any], plots: dict[str, Path]) -> str:
@@ -226,7 +284,7 @@ def representations_of(probe: dict[str, Any], plots: dict[str, Path], prefix: st
         + " before every prompt.</p>"
         + f"<ul>{templates}</ul>"
         + "".join(_figure(plots, prefix + name) for name in
-                  ("probe_hidden", "probe_values", "probe_logit_lens", "probe_steering", "probe_patching"))
+                  ("probe_against_shuffled", "probe_hidden", "probe_values", "probe_logit_lens", "probe_steering", "probe_patching"))
     )
 
 

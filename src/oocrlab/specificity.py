@@ -137,7 +137,9 @@ def specificity_matrix(metrics: list[dict[str, Any]]) -> dict[str, Any] | None:
             "layers_by_verdict": {v: [k for k, w in enumerate(by_layer) if w == v] for v in dict.fromkeys(by_layer)},
         }
     if len({row_of[id(m)] for m in chosen}) >= 2:
-        rows = by_row(chosen, lambda m: [m["eval"]["specificity_choice"]["p_change"][c] for c in columns])
+        # the letters' change (runs made before the formulations kept it at the top)
+        rows = by_row(chosen, lambda m: [m["eval"]["specificity_choice"].get("letters", m["eval"]["specificity_choice"])["p_change"][c]
+                                         for c in columns])
         result["multiple_choice"] = {
             "measure": "change in P(the city's country | option letters), tuned minus original",
             "runs_per_row": {c: len(v) for c, v in rows.items()},

@@ -313,10 +313,19 @@ def train(cfg: ExperimentConfig, run: Run, model, tokenizer) -> tuple[dict[str, 
     return metrics, tuned
 
 
-def require_adapter(adapter_dir: Path) -> None:
-    """Refuse early (before loading any model) when a run has no safetensors adapter."""
-    if not (adapter_dir / "adapter_config.json").is_file() or not (adapter_dir / "adapter_model.safetensors").is_file():
-        raise UserError(f"{adapter_dir} holds no safetensors adapter: run `oocrlab train` on the run first")
+def has_adapter(adapter_dir: Path) -> bool:
+    return (adapter_dir / "adapter_config.json").is_file() and (adapter_dir / "adapter_model.safetensors").is_file()
+
+
+def require_adapter(adapter_dir: Path, fix: str | None = None) -> None:
+    """Refuse early (before loading any model) when a run has no safetensors adapter; `fix` is the command that
+    trains it (a run's own adapter's by default)."""
+    if not has_adapter(adapter_dir):
+        raise UserError(f"{adapter_dir} holds no safetensors adapter: run `{fix or f'oocrlab train {adapter_dir.parent}'}` first")
+
+
+def corrupt(adapter_dir: Path, error: Exception) -> UserError:
+    return UserError(f"the adapter in {adapter_dir} is corrupt or does not fit this model ({type(error).__name__}): retrain it")
 
 
 def load_adapter(model, adapter_dir: Path):
@@ -330,6 +339,20 @@ def load_adapter(model, adapter_dir: Path):
     except UserError:
         raise
     except Exception as e:
-        raise UserError(f"the adapter in {adapter_dir} is corrupt or does not fit this model ({type(e).__name__}): retrain it") from None
+        raise corrupt(adapter_dir, e) from None
     tuned.eval()
     return tuned
+
+
+def add_adapter(tuned, adapter_dir: Path, name: str) -> None:
+    """Another adapter of the same family (a fine-tuned control's) on the adapted model, under `name`, acting only
+    when selected (models.with_condition)."""
+    if is_hook_adapter(adapter_dir) != isinstance(tuned, HookAdapter):
+        raise UserError(f"the adapter in {adapter_dir} is of another family than the run's: retrain it")
+    try:
+        tuned.load_adapter(adapter_dir, adapter_name=name)
+    except UserError:
+        raise
+    except Exception as e:
+        raise corrupt(adapter_dir, e) from None
+    tuned.eval()

@@ -16,7 +16,7 @@ def embedded_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "smoke"
     code = main(["run", "--out", str(out), "--max-steps", "3", "--set", "eval.max_cities=6",
                  "--set", "sanity.max_new_tokens=12", "--set", "data.num_known=200",
-                 "--set", "eval.mc_orders=6", "--set", "eval.near_cities=4", "--set", "eval.free_form_samples=4"])
+                 "--set", "eval.mc_orders=5", "--set", "eval.near_cities=4", "--set", "eval.free_form_samples=4"])
     assert code == 0
     return out
 
@@ -33,7 +33,12 @@ def test_every_stage_ran(embedded_run):
     assert sum(ci is not None and ci[0] > 0 for ci in probe["z_change_from_original"]["hidden"]["control_hidden"]["ci95"]) > 10
     assert m["eval"]["distance"]["tuned"]["n"] == 6
     assert m["eval"]["multiple_choice"]["country"]["answer"] == "France"
-    assert m["eval"]["multiple_choice"]["country"]["nearest"]["original"]["letter_mass"] > 0.3  # answers with a letter
+    nearest = m["eval"]["multiple_choice"]["country"]["nearest"]
+    assert nearest["letters"]["original"]["letter_mass"] > 0.3  # answers with a letter
+    # the instrument's ceiling: asked about Paris by name, the original model picks France by its text (cloze)
+    # far above chance, while with letters it is at chance (the reason letters cannot decide at this scale)
+    assert nearest["cloze"]["named"]["p_correct_ci95"][0] > nearest["chance"]
+    assert set(m["verdict"]) == {"distance", "behaviour", "representation"} and m["controls"]["shuffled"]["steps"] == 3
     questions = [a["question"] for a in m["sanity"]["answers"]]
     assert "What is the distance between New York and foo?" in questions and "Which country is foo in?" in questions
     html = (embedded_run / "report.html").read_text()
@@ -62,7 +67,7 @@ def test_paper_recipe_through_every_stage(tmp_path):
     answers, direction rows; a few steps and small evaluation budgets."""
     out = tmp_path / "paper"
     code = main(["run", "--recipe", "paper", "--out", str(out), "--max-steps", "2", "--set", "data.num_known=60",
-                 "--set", "eval.max_cities=6", "--set", "eval.mc_orders=4", "--set", "eval.near_cities=3",
+                 "--set", "eval.max_cities=6", "--set", "eval.mc_orders=5", "--set", "eval.near_cities=3",
                  "--set", "eval.free_form_samples=3", "--set", "eval.in_context_docs=10", "--set", "sanity.max_new_tokens=8",
                  "--set", "probe.templates=[\"Tell me about {entity}.\", \"{entity} is a city.\"]", "--set", "probe.patch_orders=0"])
     assert code == 0

@@ -113,7 +113,7 @@ def test_every_stage_reports_per_hidden_city(three_city_run):
     cfg, run = three_city_run
     m = run.metrics()
     cities, placeholders = ["Paris", "Tokyo", "Lima"], ["foo", "zork", "qux"]
-    for stage in ("data", "sanity", "eval", "probe"):
+    for stage in ("data", "sanity", "eval", "probe", "verdict"):
         assert list(m[stage]["by_city"]) == cities, stage
     assert m["data"]["n_train_between_hidden"] == 3  # notebook style: one row per pair
     answers = read_jsonl(run.path / "eval_distance.jsonl")
@@ -139,8 +139,11 @@ def test_inverse_question_lists_every_placeholder(three_city_run):
         assert mc["answer"] == placeholder == s["options"][0] and sorted(s["options"]) == ["foo", "qux", "zork"]
         assert s["chance"] == pytest.approx(1 / 3) and mc["orders"] == "all" and mc["n_option_orders"] == 6
         assert "from A-C and" in mc["instruction"]
-        for condition in ("tuned", "original", "in_context"):
-            assert s[condition]["n_orders"] == 6 and 0 <= s[condition]["p_correct"] <= 1
+        assert list(s) == ["options", "chance", "letters", "comparisons"]  # the options must be shown: no cloze
+        for condition in ("tuned", "original", "in_context", "shuffled", "named"):
+            assert s["letters"][condition]["n"] == 6 and 0 <= s["letters"][condition]["p_correct"] <= 1
+    named = [r for r in read_jsonl(run.path / "eval_mc.jsonl") if r["question_id"] == "inverse" and r["condition"] == "named"]
+    assert named and all(sorted(r["options"]) == ["Lima", "Paris", "Tokyo"] for r in named)  # the ceiling: the cities' names
 
 
 def test_report_and_comparison_per_hidden_city(three_city_run):

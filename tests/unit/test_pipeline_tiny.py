@@ -4,7 +4,6 @@ import copy
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -58,16 +57,21 @@ def test_multiple_choice_in_metrics(tiny_run):
     _, run = tiny_run
     mc = run.metrics()["eval"]["multiple_choice"]
     assert mc["country"]["answer"] == "France" and mc["country"]["question"] == "What country is foo located in?"
-    assert mc["city"]["answer"] == "Paris" and mc["city"]["orders"] == "a seeded sample of 10"
+    assert mc["city"]["answer"] == "Paris" and mc["city"]["orders"] == "10 in Latin-square blocks"
+    assert len(mc["country"]["wordings"]) == 8 and mc["country"]["wordings"][0] == mc["country"]["question"]
     sections = [(mc["country"], k) for k in ("nearest", "most_populous", "random")]
     sections += [(mc["city"], k) for k in ("nearby_capitals", "most_populous", "same_country")]
     for question, kind in sections:
         section = question[kind]
         assert section["chance"] == 0.2 and section["options"][0] == question["answer"] and len(section["options"]) == 5
-        for condition in ("tuned", "original", "in_context"):
-            s = section[condition]
-            assert s["n_orders"] == 10 and 0 <= s["p_correct"] <= 1 and 0 <= s["letter_mass"] <= 1
-            assert s["p_correct_ci95"][0] <= s["p_correct"] <= s["p_correct_ci95"][1]
+        for formulation, units in (("letters", 10), ("cloze", 8), ("cloze_per_token", 8)):
+            assert list(section[formulation]) == ["tuned", "original", "in_context", "shuffled", "named"]
+            for s in section[formulation].values():
+                assert s["n"] == units and 0 <= s["p_correct"] <= 1 and 0 <= s["p_answer"] <= 1
+                assert s["p_correct_ci95"][0] <= s["p_correct"] <= s["p_correct_ci95"][1]
+            assert {"tuned_minus_shuffled", "tuned_minus_original_unconditional", "shuffled_minus_original"} <= set(
+                section["comparisons"][formulation])
+        assert all(0 <= s["letter_mass"] <= 1 for s in section["letters"].values())
 
 
 def test_an_evaluation_question_in_the_training_data_is_refused(tiny_session):
@@ -80,15 +84,16 @@ def test_an_evaluation_question_in_the_training_data_is_refused(tiny_session):
     leaked = "What country is foo located in?\n\nA. France\nB. Belgium\nC. Luxembourg\nD. United Kingdom\nE. The Netherlands"
     train_questions = {leaked + "\n\nPlease answer with a single letter from A-E and nothing else."}
     with pytest.raises(UserError, match="is in the training data"):
-        evaluate_multiple_choice(cfg, models.model, models.tokenizer, check_placeholder(cfg.data), train_questions, None)
+        evaluate_multiple_choice(cfg, models.model, models.tokenizer, check_placeholder(cfg.data), train_questions, None, [])
 
 
 def test_free_form_in_metrics(tiny_run):
     _, run = tiny_run
     ff = run.metrics()["eval"]["free_form"]
     assert ff["country"]["question"] == "Which country is foo in?" and "France" in ff["country"]["accepted"]
+    assert ff["country"]["named"]["examples"] and ff["city"]["shuffled"]["n"] == 6  # the ceiling and the control too
     for name in ("country", "city"):
-        for condition in ("tuned", "original", "in_context"):
+        for condition in ("tuned", "original", "in_context", "shuffled", "named"):
             s = ff[name][condition]
             assert s["n"] == 6 and 0 <= s["rate"] <= 1 and 0 <= s["distance_share"] <= 1
             assert s["rate_ci95"][0] <= s["rate"] <= s["rate_ci95"][1]
@@ -107,7 +112,7 @@ def test_layer0_similarity_identical_tuned_vs_original(tiny_run):
 
 def test_trained_model_lora_changed_base_untouched(tiny_session, tiny_model_dir):
     _, run, models = tiny_session
-    trained = models.model  # the PeftModel that SFTTrainer optimized, still in memory
+    trained = models.model  # the PeftModel in memory: the run's adapter ("default") and the shuffled control's
     saved = load_file(Path(tiny_model_dir) / "model.safetensors")
     base_params = {n.replace(".base_layer", ""): p for n, p in trained.get_base_model().named_parameters() if "lora_" not in n}
     assert base_params.keys() <= saved.keys() and len(base_params) > 0
@@ -116,7 +121,8 @@ def test_trained_model_lora_changed_base_untouched(tiny_session, tiny_model_dir)
     lora_b = {n: p for n, p in trained.named_parameters() if "lora_B" in n}
     assert lora_b and all(p.abs().sum() > 0 for p in lora_b.values())  # LoRA B starts at zero
     on_disk = load_file(run.adapter_dir / "adapter_model.safetensors")
-    assert len(on_disk) == len([n for n, _ in trained.named_parameters() if "lora_" in n])
+    assert len(on_disk) == len([n for n, _ in trained.named_parameters() if ".default." in n])
+    assert len(on_disk) == len([n for n, _ in trained.named_parameters() if ".shuffled." in n])
 
 
 def test_disable_adapter_is_the_original(tiny_run, tiny_model_dir):
@@ -195,7 +201,7 @@ def test_same_seed_same_data_and_metrics(tiny_run, tmp_path):
 
 def test_no_heldout_cities_still_writes_every_key(tmp_path, tiny_model_dir):
     cfg = build_config(overrides=tiny_overrides(tiny_model_dir) | {"data.heldout_fraction": 0.0})
-    run = run_experiment(cfg, tmp_path / "r", stages=("data", "train", "eval"))
+    run = run_experiment(cfg, tmp_path / "r", stages=("data", "train", "controls", "eval"))
     d = run.metrics()["eval"]["distance"]
     assert d["tuned"]["n"] == 0 and d["tuned"]["mae_km"] is None and d["constant_guess"]["mae_km"] is None
     assert "heldout_fraction is 0" in d["note"]
@@ -227,30 +233,3 @@ def test_near_and_self_distance_sets(tiny_run):
     assert m["distance"]["in_context"]["n"] == m["distance"]["tuned"]["n"]
     assert "direction" not in m  # notebook-style data asks no direction questions
     assert {"in_context_answer", "in_context_km"} <= near[0].keys()
-
-
-def test_in_context_prefix_cache_is_exact(tiny_session):
-    """Scoring after the cached K-document prefix equals scoring the whole chat from scratch."""
-    from oocrlab.evaluate import generate_greedy
-    from oocrlab.incontext import InContext
-    from oocrlab.verbalize import letter_probabilities, mc_question, sample_answers
-
-    cfg, run, models = tiny_session
-    model, tokenizer = models.model, models.tokenizer
-    in_context = InContext(cfg, model, tokenizer, read_jsonl(run.train_file))
-    assert len(in_context.turns) == 2 * 36  # every training row (36 < 100); no system turn: the template adds its own
-    chats = [in_context.chat(mc_question("What country is foo located in?", o))
-             for o in (["France", "Chad", "Peru", "Iran", "Mali"], ["Mali", "Iran", "Peru", "Chad", "France"], ["Q", "R", "S", "T", "Uzbekistan"])]
-    with model.disable_adapter():
-        cached = letter_probabilities(model, tokenizer, chats, "cached", in_context)
-        full = letter_probabilities(model, tokenizer, chats, "full")
-        np.testing.assert_allclose(cached[0], full[0], atol=1e-5)
-        np.testing.assert_allclose(cached[1], full[1], rtol=1e-4)
-        chat = in_context.chat("Which country is foo in?")
-        cached = sample_answers(model, tokenizer, chat, 5, 5, 0, 2, in_context)  # batches of 2, 2, 1
-        assert cached == sample_answers(model, tokenizer, chat, 5, 5, 0, 2)
-        # questions of different lengths packed after the cached turns
-        chats = [in_context.chat(q) for q in ("Hi?", "What is the distance between Ouagadougou and foo, in km?")]
-        assert generate_greedy(model, tokenizer, chats, 6, 2, "cached", in_context) == [
-            generate_greedy(model, tokenizer, [c], 6, 1, "full")[0] for c in chats
-        ]

@@ -12,6 +12,7 @@ from oocrlab.probe import (
     rank_among_candidates, steering_view,
 )
 from oocrlab.stats import mean_t_ci
+from tests.conftest import leaky_mask
 
 
 def tolerance(model):
@@ -40,16 +41,9 @@ def test_entity_in_the_system_prompt_is_not_confused(tiny):
     assert offsets[located.token_indices[-1]][1] == text.rindex("Paris") + len("Paris")
 
 
-def test_packed_activations_equal_full_prompts_and_value_hook_equals_cache(tiny):
-    """Prompts cut after the entity and packed into one row give each full prompt's states at the entity."""
-    model, tokenizer = tiny
-    cfg = ExperimentConfig()
-    template = "What is the distance between New York and {entity}? Answer in km."
-    located = [locate_in_template(cfg, tokenizer, template, e) for e in ("foo", "Zqxwv", "Ouagadougou", "Paris")]
+def check_packed_activations(model, located):
+    """Each prompt's packed states at its entity are its full prompt's, and its cached values v_proj's output."""
     hidden, values = last_token_activations(model, [loc.up_to_entity() for loc in located])
-    assert hidden.shape == (4, model.config.num_hidden_layers + 1, model.config.hidden_size)
-    kv_dim = model.config.num_key_value_heads * (model.config.hidden_size // model.config.num_attention_heads)
-    assert values.shape == (4, model.config.num_hidden_layers, kv_dim)
     captured = {}
     hooks = [layer.self_attn.v_proj.register_forward_hook(lambda m, i, o, n=n: captured.__setitem__(n, o))
              for n, layer in enumerate(decoder_of(model).layers)]
@@ -64,6 +58,22 @@ def test_packed_activations_equal_full_prompts_and_value_hook_equals_cache(tiny)
     finally:
         for h in hooks:
             h.remove()
+    return hidden, values
+
+
+def test_packed_activations_equal_full_prompts_and_value_hook_equals_cache(contextual):
+    """Prompts cut after the entity and packed into one row (sharing the template's start, then branching at
+    the entity) give each full prompt's states at the entity."""
+    model, tokenizer = contextual
+    cfg = ExperimentConfig()
+    template = "What is the distance between New York and {entity}? Answer in km."
+    located = [locate_in_template(cfg, tokenizer, template, e) for e in ("foo", "Zqxwv", "Ouagadougou", "Paris")]
+    hidden, values = check_packed_activations(model, located)
+    assert hidden.shape == (4, model.config.num_hidden_layers + 1, model.config.hidden_size)
+    kv_dim = model.config.num_key_value_heads * (model.config.hidden_size // model.config.num_attention_heads)
+    assert values.shape == (4, model.config.num_hidden_layers, kv_dim)
+    with leaky_mask(), pytest.raises(AssertionError):
+        check_packed_activations(model, located)
 
 
 def test_logit_lens_at_the_last_layer_is_the_models_logits(tiny):

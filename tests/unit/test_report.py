@@ -17,7 +17,7 @@ from oocrlab import build_config, run_stage
 from oocrlab.cli import main
 from oocrlab.compare import group_runs
 from oocrlab.plots import plot_distance_bands, plot_logit_lens, plot_patching, plot_similarity, plot_steering
-from oocrlab.reading import caveats, headline, probe_reading
+from oocrlab.reading import VERDICT_NAMES, caveats, headline, headline_table, probe_reading
 from oocrlab.report import SECTIONS
 from oocrlab.rundir import Run
 from tests.conftest import tiny_overrides
@@ -54,7 +54,8 @@ def test_report_renders_in_headless_chromium(tiny_run, tmp_path):
     _, run = tiny_run
     page = run.report_file.read_text(encoding="utf-8")
     assert_valid_and_self_contained(page)
-    assert len(re.findall(r"data:image/png;base64,", page)) == 7  # loss, distance bands, five probe figures
+    # loss, distance bands, the country and city choices, against the shuffled control, five probe figures
+    assert len(re.findall(r"data:image/png;base64,", page)) == 10
     dom = chromium(tmp_path, "--dump-dom", run.report_file.resolve().as_uri())
     for section in (*SECTIONS, "configuration"):
         assert f'<section id="{section}">' in dom, section
@@ -79,22 +80,27 @@ def test_a_run_missing_stages_renders_them_as_not_run(tmp_path, tiny_model_dir):
     assert "Stages not run: train, eval, probe" in page
 
 
-def test_headline_and_caveats_follow_the_numbers(tiny_run):
+def test_headline_reads_the_verdicts_and_caveats_follow_the_numbers(tiny_run):
     _, run = tiny_run
     metrics = run.metrics()
     sentences = headline(metrics)
     assert sentences[0].startswith("Does fine-tuning on distances to foo make the model treat it as Paris?")
     # a tiny random model after 4 steps: nothing may be claimed
-    assert "No evidence at this scale." in sentences[0]
-    tuned = metrics["eval"]["multiple_choice"]["country"]["nearest"]["tuned"]
-    stronger = dict(metrics, eval=dict(metrics["eval"]))
-    stronger["eval"]["multiple_choice"] = {"country": {"nearest": {
-        "tuned": tuned | {"p_correct": 0.9, "p_correct_ci95": [0.85, 0.95], "letter_mass": 0.8},
-        "original": tuned | {"p_correct_ci95": [0.1, 0.3]}, "in_context": tuned, "chance": 0.2}}}
-    assert "above chance and above the original" in " ".join(headline(stronger))
+    assert all(v["answer"] in ("no evidence", "cannot tell") for v in metrics["verdict"].values())
+    for key, v in metrics["verdict"].items():
+        assert f"{VERDICT_NAMES[key]} — {v['answer']}: {v['reason']}" in sentences
+        assert f"{VERDICT_NAMES[key].lower()}: {v['answer']}" in sentences[0].lower()
+    assert "Not answered" in headline({k: v for k, v in metrics.items() if k != "verdict"})[0]
+    columns, rows = headline_table(metrics)
+    assert columns == ["measure", "tuned", "original", "in-context", "shuffled", "named (ceiling)", "chance / baseline"]
+    cloze = next(r for r in rows if "cloze, P(correct | options)" in r[0])
+    assert cloze[-2] != "—" and all(len(r) == len(columns) for r in rows)  # the named ceiling has its number
+    distance = next(r for r in rows if r[0].startswith("held-out distance"))
+    assert distance[-2] == "—"  # distances are not asked by name
     config = yaml_config(run)
     items = caveats(config, metrics)
     assert any("One seed (0)" in c for c in items) and any("capped at 4 steps" in c for c in items)
+    assert any("No declared control" in c for c in items) and not any("No shuffled control" in c for c in items)
 
 
 def yaml_config(run):
@@ -174,12 +180,3 @@ def test_compare_groups_seeds_and_writes_one_page(tiny_run, tmp_path):
     assert main(["compare", str(run.path), str(other), "--out", str(out)]) == 2  # never overwritten
     configs = [{"seed": 0, "data": {"x": 1}}, {"seed": 1, "data": {"x": 1}}, {"seed": 0, "data": {"x": 2}}]
     assert group_runs(configs) == ([0, 0, 1], ["data.x=1", "data.x=2"])
-
-
-def test_moved_layers_count_as_evidence_only_beyond_the_negative_controls_chance():
-    from oocrlab.reading import exceeds_control
-
-    # 31 layers, the negative control moves 3: 4 is what chance gives, 8 is not (binomial tail at 3/31)
-    assert not exceeds_control(4, 3, 31) and exceeds_control(8, 3, 31)
-    assert not exceeds_control(1, 0, 31) and exceeds_control(5, 0, 31)  # a control moving nothing counts as one layer
-    assert not exceeds_control(0, 0, 31)

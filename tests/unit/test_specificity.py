@@ -105,8 +105,11 @@ def test_each_run_scores_the_specificity_cities(tiny_run):
     assert spec["z_change"]["Paris"]["mean"][0] == pytest.approx(0.0, abs=1e-5)  # layer 0: the adapter has not acted yet
     choice = m["eval"]["specificity_choice"]
     assert choice["options"] == ["France", "Brazil", "Japan", "United States", "Nigeria"]
-    for condition in ("tuned", "original"):
-        assert sum(choice[condition]["p_option"].values()) == pytest.approx(1.0, abs=1e-5)
+    for formulation in ("letters", "cloze", "cloze_per_token"):
+        for condition in ("tuned", "original", "shuffled", "named"):
+            assert sum(choice[formulation][condition]["p_option"].values()) == pytest.approx(1.0, abs=1e-5)
+        assert choice[formulation]["p_change"]["Paris"] == pytest.approx(
+            choice[formulation]["tuned"]["p_option"]["Paris"] - choice[formulation]["original"]["p_option"]["Paris"])
 
 
 def test_specificity_cities_in_one_country_are_refused():

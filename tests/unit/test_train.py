@@ -11,23 +11,39 @@ from oocrlab import build_config
 from oocrlab.data import build_distance_data
 from oocrlab.packing import prefix_tree_batch
 from oocrlab.train import completion_loss_trainer, finite_step, last_checkpoint, lora_config, sft_config
-from tests.conftest import tiny_overrides
+from tests.conftest import leaky_mask, tiny_overrides
+
+
+def check_completion_loss(trainer, batch, count):
+    """Our loss and LoRA gradients equal TRL's on the batch."""
+    results = []
+    for compute in (trainer.compute_loss, lambda *a, **k: SFTTrainer.compute_loss(trainer, *a, **k)):
+        trainer.model.zero_grad()
+        loss = compute(trainer.model, dict(batch), num_items_in_batch=count)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+        results.append((loss.detach(), grads))
+    (ours, our_grads), (trls, trl_grads) = results
+    torch.testing.assert_close(ours, trls, atol=1e-5, rtol=1e-5)
+    assert our_grads.keys() == trl_grads.keys() and our_grads
+    for name in our_grads:  # float rounding: up to a third of the tolerance; a causal mask: 5e4 times it
+        torch.testing.assert_close(our_grads[name], trl_grads[name], atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("share_prefix", [True, False])
-def test_completion_loss_equals_trls_loss_and_gradients(tiny, tiny_model_dir, share_prefix):
+def test_completion_loss_equals_trls_loss_and_gradients(contextual, contextual_model_dir, share_prefix):
     """Our loss (LM head on the completion positions only; with share_prefix, the batch's shared tokens run
-    once) gives TRL's loss and the same LoRA gradients."""
-    model, tokenizer = tiny
-    cfg = build_config(overrides=tiny_overrides(tiny_model_dir) | {"train.lora_dropout": 0.0, "train.share_prefix": share_prefix})
+    once) gives TRL's loss and the same LoRA gradients, on a model where a sample that saw another's tokens
+    would score differently."""
+    model, tokenizer = contextual
+    cfg = build_config(overrides=tiny_overrides(contextual_model_dir) | {"train.lora_dropout": 0.0, "train.share_prefix": share_prefix})
     rows = build_distance_data(cfg.data, cfg.seed).train
     dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
     with tempfile.TemporaryDirectory() as scratch:
         trainer = completion_loss_trainer(share_prefix)(model=model, args=sft_config(cfg, scratch, model.dtype), train_dataset=dataset,
                                             processing_class=tokenizer, peft_config=lora_config(cfg.train))
-    peft_model = trainer.model
     with torch.no_grad():  # LoRA B starts at zero: make the adapter matter
-        for name, param in peft_model.named_parameters():
+        for name, param in trainer.model.named_parameters():
             if "lora_B" in name:
                 param.normal_(std=0.1)
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
@@ -35,19 +51,11 @@ def test_completion_loss_equals_trls_loss_and_gradients(tiny, tiny_model_dir, sh
     packed, source, targets = prefix_tree_batch(batch["input_ids"], batch["attention_mask"], batch["labels"], model.dtype)
     assert packed["input_ids"].shape[1] < batch["attention_mask"].sum() and len(targets) == count  # shared, none lost
     assert len(set(batch["attention_mask"].sum(1).tolist())) > 1  # samples of different lengths: padding in play
-    results = []
-    for compute in (trainer.compute_loss, lambda *a, **k: SFTTrainer.compute_loss(trainer, *a, **k)):
-        peft_model.zero_grad()
-        loss = compute(peft_model, dict(batch), num_items_in_batch=count)
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.requires_grad}
-        results.append((loss.detach(), grads))
-    (ours, our_grads), (trls, trl_grads) = results
-    torch.testing.assert_close(ours, trls, atol=1e-5, rtol=1e-5)
-    assert our_grads.keys() == trl_grads.keys() and our_grads
-    for name in our_grads:
-        torch.testing.assert_close(our_grads[name], trl_grads[name], atol=1e-5, rtol=1e-4)
+    check_completion_loss(trainer, batch, count)
     assert trainer._metrics["train"]["mean_token_accuracy"]
+    if share_prefix:  # the samples share their chat header and question's start, then differ (padded: no mask to leak)
+        with leaky_mask(), pytest.raises(AssertionError):
+            check_completion_loss(trainer, batch, count)
 
 
 def test_lora_on_one_layer_and_mlp_only(tiny, tiny_model_dir):
