@@ -16,7 +16,7 @@ import torch
 from oocrlab.config import ExperimentConfig, check_balanced_orders, hidden_city_configs
 from oocrlab.controls import control_run, train_controls
 from oocrlab.data import DistanceData, build_distance_data, check_hidden_cities, check_specificity_cities, distance_rows, rows_about
-from oocrlab.geo import City
+from oocrlab.geo import City, find_city
 from oocrlab.environment import hardware, versions
 from oocrlab.errors import UserError
 from oocrlab.evaluate import evaluate_directions, evaluate_distances, sanity
@@ -183,7 +183,10 @@ def stage_eval(cfg: ExperimentConfig, run: Run, models: Models) -> dict[str, Any
 
 def stage_probe(cfg: ExperimentConfig, run: Run, models: Models) -> dict[str, Any]:
     model, tokenizer = models.tuned()
-    return per_hidden_city(cfg, lambda view, hidden: probe_representations(view, model, tokenizer, hidden))
+    run.require(run.train_file, "data")
+    # every adapter of the run saw these cities in its prompts (the controls' prompts add none)
+    trained_on = [find_city(name, cfg.data.pool) for name in sorted({r["known_city"] for r in read_jsonl(run.train_file)})]
+    return per_hidden_city(cfg, lambda view, hidden: probe_representations(view, model, tokenizer, hidden, trained_on))
 
 
 def stage_verdict(run: Run) -> dict[str, Any]:

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from oocrlab.config import ExperimentConfig
 from oocrlab.data import check_specificity_cities, names_hidden_city, text_names_city, user_prompt
 from oocrlab.errors import UserError
-from oocrlab.geo import City, load_pool, normalize
+from oocrlab.geo import City, distance_km, load_pool, normalize
 from oocrlab.models import render_chats, with_condition
 from oocrlab.packing import last_token_activations
 from oocrlab.reading import FIRST_LAYER
@@ -287,15 +287,16 @@ def patching_curve(cfg: ExperimentConfig, model, tokenizer, hidden: City) -> dic
 
 
 def corrected_layer_tests(z_scores: dict[str, dict[str, np.ndarray]], z_cities: dict[str, dict[str, np.ndarray]],
-                          seed: int) -> dict[str, Any]:
+                          ranked: list[int], seed: int) -> dict[str, Any]:
     """For each of CORRECTED_PAIRS that was probed, per layer of hidden states and value vectors, two one-sided
     tests that the condition moves the placeholder towards the hidden city more than the baseline does, each
     corrected for testing every layer of both spaces: `p_value`, the hidden city's z-score difference paired by
     template (stats.max_t_sign_flip: is it consistent across templates?), and `p_rank`, where the hidden city's
     gain in z-score (mean over templates) ranks among every reference city's (stats.rank_among: is it about this
-    city, or would any city gain as much?). Two adapters always differ consistently across templates, so the
-    first alone cannot tell a move towards the city from one towards wherever the difference points; `layers`
-    lists those where both are below 0.05."""
+    city, or would any city gain as much?), among the reference cities `ranked` (indices into z_cities' cities,
+    the hidden city first: those in no training prompt, so that none was itself trained on). Two adapters always
+    differ consistently across templates, so the first alone cannot tell a move towards the city from one towards
+    wherever the difference points; `layers` lists those where both are below 0.05."""
     spaces = list(z_scores)
     result = {}
     for x, b in CORRECTED_PAIRS:
@@ -304,20 +305,21 @@ def corrected_layer_tests(z_scores: dict[str, dict[str, np.ndarray]], z_cities: 
         differences = [z_scores[space][x] - z_scores[space][b] for space in spaces]  # [templates, layers] each
         widths = np.cumsum([d.shape[1] for d in differences])[:-1]
         p = np.split(max_t_sign_flip(np.concatenate(differences, axis=1), seed=seed), widths)
-        gains = np.concatenate([(z_cities[space][x] - z_cities[space][b]).mean(0) for space in spaces], axis=1)  # [cities, layers]
-        p_rank = np.split(rank_among(gains, target=0)[1], widths)  # the hidden city is reference city 0
+        gains = np.concatenate([(z_cities[space][x] - z_cities[space][b]).mean(0)[ranked] for space in spaces], axis=1)  # [cities, layers]
+        p_rank = np.split(rank_among(gains, target=0)[1], widths)  # the hidden city comes first
         result[f"{x}_vs_{b}"] = {
             "p_value": {space: [float(v) for v in ps] for space, ps in zip(spaces, p)},
             "p_rank": {space: [float(v) for v in ps] for space, ps in zip(spaces, p_rank)},
             "layers": {space: [FIRST_LAYER[space] + i for i, (v, r) in enumerate(zip(ps, rs)) if v < 0.05 and r < 0.05]
                        for space, ps, rs in zip(spaces, p, p_rank)},
-            "cities_ranked": len(gains),
+            "cities_ranked": len(ranked),
         }
     return result
 
 
-def probe_representations(cfg: ExperimentConfig, model, tokenizer, hidden: City) -> dict[str, Any]:
-    """Everything in this module's docstring, as the probe section of metrics.json."""
+def probe_representations(cfg: ExperimentConfig, model, tokenizer, hidden: City, trained_on: list[City] = ()) -> dict[str, Any]:
+    """Everything in this module's docstring, as the probe section of metrics.json; `trained_on`, the known cities
+    of the run's training prompts, are left out of the cities the hidden city is ranked among for specificity."""
     templates, candidates, conditions = probe_setup(cfg, hidden)
     entities = [cfg.data.placeholder, hidden.plain_name, *(c.plain_name for c in candidates)]
     n_reference = len(entities)
@@ -357,7 +359,9 @@ def probe_representations(cfg: ExperimentConfig, model, tokenizer, hidden: City)
     if "shuffled" in conditions:  # what the tuned model (and the positive control) add to any fine-tune on this format
         result["z_change_from_shuffled"] = {space: {c: mean_t_ci(z[c] - z["shuffled"]) for c in ("tuned", "declared") if c in z}
                                             for space, z in z_scores.items()}
-    result["corrected"] = corrected_layer_tests(z_scores, z_cities, cfg.seed)
+    # z_cities' city k: the hidden city (0), then candidate k - 1
+    ranked = [0, *(k for k, c in enumerate(candidates, start=1) if not any(distance_km(c, t) < 50 for t in trained_on))]
+    result["corrected"] = corrected_layer_tests(z_scores, z_cities, ranked, cfg.seed)
     (z_tuned, rank_tuned), (z_original, rank_original) = compared_scores["tuned"], compared_scores["original"]
     result["specificity"] = {  # hidden states; per city: what a specificity matrix across runs reads (specificity.py)
         "cities": compared,

@@ -159,9 +159,8 @@ def headline_rows(metrics: dict[str, Any], columns: list[str]) -> list[list[str]
         by_formulation = formulations_of(s)
         rows.append(row(f"{q}: letters, P(correct | letters)", by_formulation["letters"], "p_correct", 2, f"chance {s['chance']:.2f}"))
         rows.append(row(f"{q}: letters, probability on the letters", by_formulation["letters"], "letter_mass", 2, "—"))
-        for f, label in (("cloze", "cloze"), ("cloze_per_token", "cloze per token")):
-            if f in by_formulation:
-                rows.append(row(f"{q}: {label}, P(correct | options)", by_formulation[f], "p_correct", 2, f"chance {s['chance']:.2f}"))
+        if "cloze" in by_formulation:  # (cloze_per_token favours many-token names by construction: in the report only)
+            rows.append(row(f"{q}: cloze, P(correct | options)", by_formulation["cloze"], "p_correct", 2, f"chance {s['chance']:.2f}"))
         if "cloze" in by_formulation:
             rows.append(row(f"{q}: cloze, P(the country's name as the answer)", by_formulation["cloze"], "p_answer", 4, "—"))
     if ff := ev.get("free_form", {}).get("country"):

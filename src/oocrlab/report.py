@@ -246,13 +246,14 @@ def standing_html(mc: dict[str, Any]) -> str:
     """Where the right country's gain ranks among every country's (verbalize.country_standing)."""
     if not (among := mc.get("among_countries")):
         return ""
-    rows = [[_fmt(pair.replace("_vs_", " over ")), f"{v['gain']:+.3f}", f"{v['rank']} of {among['countries']}", f"{v['p_value']:.3f}"]
+    rows = [[_fmt(pair.replace("_vs_", " over ")), f"{v['gain']:+.3f}", f"{v['rank']} of {among['countries']}", f"{v['p_value']:.3f}",
+             _fmt(", ".join(f"{n} {g:+.2f}" for n, g in list(v.get("gains", {}).items())[:5]))]
             for pair, v in among.items() if isinstance(v, dict)]
     return ("<p>Is the change about the country at all? Every country's name scored as the answer to the cloze wordings: "
             + f"{_fmt(among['measure'])}; its gain from one condition to another, and where {_fmt(mc['answer'])}'s gain ranks among "
             + "all of them (p: the share of countries gaining as much, a permutation test over the countries' labels). Two "
             + "adapters always differ consistently across wordings; only the right country standing out shows the difference "
-            + "is about it.</p>" + _table(["gain", f"gain of {_fmt(mc['answer'])}", "rank", "p"], rows))
+            + "is about it.</p>" + _table(["gain", f"gain of {_fmt(mc['answer'])}", "rank", "p", "largest gains"], rows))
 
 
 def inverse_choice_html(metrics: dict[str, Any]) -> str:

@@ -420,7 +420,8 @@ def country_standing(cfg: ExperimentConfig, model, tokenizer, hidden: City, coun
         if x in shares and b in shares:
             gains = (shares[x] - shares[b]).mean(0)
             result[f"{x}_vs_{b}"] = {"gain": float(gains[0]), "rank": int(1 + (gains[1:] > gains[0]).sum()),
-                                     "p_value": float(rank_among(gains[:, None], target=0)[1][0])}
+                                     "p_value": float(rank_among(gains[:, None], target=0)[1][0]),
+                                     "gains": {n: round(float(g), 4) for n, g in sorted(zip(names, gains), key=lambda ng: -ng[1])}}
     return result
 
 

@@ -3,12 +3,13 @@ the distances, does it say what the placeholder is, is its representation of the
 hidden city? Each is {"answer": "yes" | "no evidence" | "cannot tell", "reason": "..."}.
 
 A behaviour or representation "yes" must beat the fine-tuned negative control (`shuffled`: any fine-tune on
-this format) and, for behaviour, the original model, with intervals; "cannot tell" is the answer whenever the
-instrument has not been shown able to see the effect: the question cannot be answered even with the city named
-(the ceiling), or the planted positive (`declared`) is not detected either, or there is no negative control to
-compare with. A distance "yes" needs the held-out error below the better of the original model and a constant
-guess, with an interval (the shuffled control's ratio is quoted beside it). The intervals are within one run
-and seed: over option orders, wordings, templates or cities, not over trainings.
+this format) and, for behaviour, the original model, with intervals, and stand out among every city (country);
+"no evidence" needs the same tests to have said "yes" for the planted positive (`declared`); everywhere else the
+answer is "cannot tell": the question cannot be answered even with the city named (the ceiling), no planted
+positive was trained or it is not detected either, there is no negative control, or there are too few units.
+A distance "yes" needs the held-out error below the better of the original model and a constant guess, with an
+interval, while the shuffled control's is not. The intervals are within one run and seed: over option orders,
+wordings, templates or cities, not over trainings.
 """
 
 from __future__ import annotations
@@ -41,9 +42,12 @@ def distance_verdict(ev: dict[str, Any]) -> dict[str, str]:
     if control := dist.get("shuffled_mae_over_best_baseline_ci95"):
         said += (f"; the shuffled control's {dist['shuffled_mae_over_best_baseline']:.2f} "
                  f"[{control[0]:.2f}, {control[1]:.2f}]")
-    if ci[1] < 1:
-        return verdict("yes", said + ": the interval lies below 1, it learned the distances.")
-    return verdict("no evidence", said + ": the interval reaches 1.")
+    if ci[1] >= 1:
+        return verdict("no evidence", said + ": the interval reaches 1.")
+    if control and control[1] < 1:
+        return verdict("cannot tell", said + ": below 1, but the shuffled control's is too, so the test cannot tell learned "
+                                             "distances from what any fine-tune on this format does.")
+    return verdict("yes", said + ": the interval lies below 1, it learned the distances.")
 
 
 def passes(comparisons: dict[str, Any], standing: dict[str, Any], condition: str, alpha: float) -> bool:
@@ -71,17 +75,20 @@ def behaviour_verdict(ev: dict[str, Any], city: str) -> dict[str, str]:
     for f in formulations:
         named, chance = section[f]["named"], section["chance"]
         tuned = section[f]["tuned"]
-        ceiling = named["p_correct_ci95"]
-        if ceiling is None or ceiling[0] <= chance:
+        ceiling, c = named["p_correct_ci95"], section["comparisons"][f]
+        if ceiling is None:
+            answers.append("cannot tell")
+            reasons.append(f"{f}: the named ceiling has no interval (eval.bootstrap_samples is 0)")
+            continue
+        if ceiling[0] <= chance:
             answers.append("cannot tell")
             reasons.append(f"{f}: asked about {city} by name, the original model gives the right country with P = "
-                           f"{named['p_correct']:.2f}" + (f" [{ceiling[0]:.2f}, {ceiling[1]:.2f}]" if ceiling else "")
-                           + f", not above chance ({chance:.2f}): the question cannot be answered this way at this scale")
+                           f"{named['p_correct']:.2f} [{ceiling[0]:.2f}, {ceiling[1]:.2f}], not above chance ({chance:.2f}): "
+                           "the question cannot be answered this way at this scale")
             continue
-        c = section["comparisons"][f]
-        if c.get("tuned_minus_shuffled") is None:
+        if c.get("tuned_minus_shuffled") is None or 2.0 ** -c["tuned_minus_shuffled"]["n"] >= alpha:
             answers.append("cannot tell")
-            reasons.append(f"{f}: no paired interval (eval.bootstrap_samples is 0)")
+            reasons.append(f"{f}: too few units for a paired test at {alpha:.3g} (the smallest p-value of n units is 2^-n)")
             continue
         said = (f"{f}: tuned P(correct) {tuned['p_correct']:.2f}, minus shuffled {c['tuned_minus_shuffled']['mean']:+.2f} "
                 f"(p = {c['tuned_minus_shuffled']['p_value']:.3f}), minus original {c['tuned_minus_original']['mean']:+.2f} "
@@ -89,14 +96,17 @@ def behaviour_verdict(ev: dict[str, Any], city: str) -> dict[str, str]:
         if passes(c, standing, "tuned", alpha):
             answers.append("yes")
             reasons.append(said + " — above both, and specific to the country")
-        elif "declared" in section[f] and not passes(c, standing, "declared", alpha):
+        elif "declared" not in section[f]:
+            answers.append("cannot tell")
+            reasons.append(said + " — and no planted positive was trained (--controls shuffled,declared) to show that the "
+                           "test can see a fine-tuned alias")
+        elif not passes(c, standing, "declared", alpha):
             answers.append("cannot tell")
             reasons.append(said + " — but the planted positive (declared) is not detected either, so the test has not "
                            "been shown able to see a fine-tuned alias")
         else:
             answers.append("no evidence")
-            reasons.append(said + ("; the planted positive (declared) is detected" if "declared" in section[f] else
-                                   "; no planted positive was trained (--controls declared)"))
+            reasons.append(said + "; the planted positive (declared) is detected")
     answer = next((a for a in ("yes", "no evidence") if a in answers), "cannot tell")
     gain = standing.get("tuned_vs_shuffled")
     specific = (f" Over the shuffled control the right country's log-share among all countries' names as the answer gains "
@@ -127,15 +137,17 @@ def representation_verdict(probe: dict[str, Any] | None, city: str) -> dict[str,
             f"(both p < {ALPHA}, corrected for every layer of hidden states and value vectors)")
     if any_moved("tuned_vs_shuffled"):
         return verdict("yes", f"{rule}: {moved('tuned_vs_shuffled')}.")
-    if "declared_vs_shuffled" in corrected and not any_moved("declared_vs_shuffled"):
+    if probe.get("setup", {}).get("templates") is not None and 2.0 ** -len(probe["setup"]["templates"]) >= ALPHA:
+        return verdict("cannot tell", f"{rule}: too few templates ({len(probe['setup']['templates'])}) for the paired test at "
+                                      f"{ALPHA} (the smallest p-value of n templates is 2^-n).")
+    if "declared_vs_shuffled" not in corrected:
+        return verdict("cannot tell", f"{rule}: no layer; and no planted positive was trained (--controls shuffled,declared) to "
+                                      "show that the probe can see a fine-tuned alias (the prompt positive control moves in "
+                                      f"{moved('control_hidden_vs_original')}, but it is not a fine-tune).")
+    if not any_moved("declared_vs_shuffled"):
         return verdict("cannot tell", f"{rule}: no layer for the tuned model, and none for the planted positive (declared) "
                                       "either: the probe has not been shown able to see a fine-tuned alias at this scale.")
-    if "declared_vs_shuffled" not in corrected and not any_moved("control_hidden_vs_original"):
-        return verdict("cannot tell", f"{rule}: no layer; and told the alias in the prompt, the original model does not move "
-                                      "either (against itself, corrected): the probe cannot see the effect at this scale.")
-    positive = ("the planted positive (declared) moves in " + moved("declared_vs_shuffled") if "declared_vs_shuffled" in corrected
-                else "the prompt positive control moves in " + moved("control_hidden_vs_original"))
-    return verdict("no evidence", f"{rule}: no layer, while {positive}.")
+    return verdict("no evidence", f"{rule}: no layer, while the planted positive (declared) moves in {moved('declared_vs_shuffled')}.")
 
 
 def verdicts(view: dict[str, Any]) -> dict[str, dict[str, str]]:

@@ -366,37 +366,57 @@ def choice_section(named_ci, tuned_vs, declared_vs=None, standing=(0.01, 0.01)):
 
 
 def test_behaviour_says_yes_no_or_cannot_tell_from_ceilings_and_controls():
-    assert behaviour_verdict(choice_section([0.5, 0.7], (0.001, 0.001, 0.001)), "Paris")["answer"] == "yes"
-    # one test of the three fails at the Bonferroni level (0.025): not above the unconditional original
-    assert behaviour_verdict(choice_section([0.5, 0.7], (0.001, 0.001, 0.03)), "Paris")["answer"] == "no evidence"
+    seen = (0.001, 0.001, 0.001)
+    assert behaviour_verdict(choice_section([0.5, 0.7], seen), "Paris")["answer"] == "yes"
+    # one test of the three fails at the Bonferroni level (0.025): not above the unconditional original; then "no
+    # evidence" only where the planted positive passes the same tests
+    assert behaviour_verdict(choice_section([0.5, 0.7], (0.001, 0.001, 0.03), declared_vs=seen), "Paris")["answer"] == "no evidence"
+    unshown = behaviour_verdict(choice_section([0.5, 0.7], (0.001, 0.001, 0.03)), "Paris")
+    assert unshown["answer"] == "cannot tell" and "no planted positive" in unshown["reason"]
     # consistent across wordings but not specific: the right country does not stand out among all countries
-    loose = behaviour_verdict(choice_section([0.5, 0.7], (0.001, 0.001, 0.001), standing=(0.3, 0.01)), "Paris")
+    loose = behaviour_verdict(choice_section([0.5, 0.7], seen, declared_vs=seen, standing=(0.3, 0.01)), "Paris")
     assert loose["answer"] == "no evidence" and "rank 3 of 150 countries" in loose["reason"]
-    ceiling = behaviour_verdict(choice_section([0.15, 0.25], (0.001, 0.001, 0.001)), "Paris")
+    ceiling = behaviour_verdict(choice_section([0.15, 0.25], seen), "Paris")
     assert ceiling["answer"] == "cannot tell" and "by name" in ceiling["reason"]  # a named ceiling at chance
     blind = behaviour_verdict(choice_section([0.5, 0.7], (0.5, 0.5, 0.5), declared_vs=(0.4, 0.4, 0.4)), "Paris")
     assert blind["answer"] == "cannot tell" and "planted positive" in blind["reason"]
-    seen = behaviour_verdict(choice_section([0.5, 0.7], (0.5, 0.5, 0.5), declared_vs=(0.001, 0.001, 0.001)), "Paris")
-    assert seen["answer"] == "no evidence"
-    without = choice_section([0.5, 0.7], (0.001, 0.001, 0.001))
+    unspecific = behaviour_verdict(choice_section([0.5, 0.7], (0.5, 0.5, 0.5), declared_vs=seen, standing=(0.3, 0.2)), "Paris")
+    assert unspecific["answer"] == "cannot tell"  # the planted positive is not specific either
+    few = choice_section([0.5, 0.7], seen)
+    for f in ("letters", "cloze"):
+        few["multiple_choice"]["country"]["nearest"]["comparisons"][f]["tuned_minus_shuffled"]["n"] = 5  # 2^-5 > 0.025
+    assert behaviour_verdict(few, "Paris")["answer"] == "cannot tell" and "too few units" in behaviour_verdict(few, "Paris")["reason"]
+    without = choice_section([0.5, 0.7], seen)
     del without["multiple_choice"]["country"]["nearest"]["letters"]["shuffled"]
     assert behaviour_verdict(without, "Paris")["answer"] == "cannot tell"
 
 
+def test_distances_learned_needs_the_shuffled_control_not_to_learn_them_too():
+    def ev(control_ci):
+        return {"distance": {"tuned_mae_over_best_baseline": 0.5, "tuned_mae_over_best_baseline_ci95": [0.4, 0.6],
+                             "shuffled_mae_over_best_baseline": 0.8, "shuffled_mae_over_best_baseline_ci95": control_ci}}
+
+    assert distance_verdict(ev([0.9, 1.1]))["answer"] == "yes"
+    assert distance_verdict(ev([0.7, 0.9]))["answer"] == "cannot tell"
+
+
 def test_representation_needs_layers_beyond_the_shuffled_control():
     def probe(**layers):
-        return {"corrected": {pair: {"layers": {"hidden": moved, "values": []}} for pair, moved in layers.items()}}
+        return {"corrected": {pair: {"layers": {"hidden": moved, "values": []}} for pair, moved in layers.items()},
+                "setup": {"templates": ["t"] * 8}}
 
     assert representation_verdict(probe(tuned_vs_shuffled=[4], control_hidden_vs_original=[]), "Paris")["answer"] == "yes"
-    no = representation_verdict(probe(tuned_vs_shuffled=[], declared_vs_shuffled=[3], control_hidden_vs_original=[1]), "Paris")
-    assert no["answer"] == "no evidence" and "layers 3" in no["reason"]
-    # the planted positive is seen: the prompt control's blindness does not matter then
     no = representation_verdict(probe(tuned_vs_shuffled=[], declared_vs_shuffled=[3], control_hidden_vs_original=[]), "Paris")
-    assert no["answer"] == "no evidence"
+    assert no["answer"] == "no evidence" and "layers 3" in no["reason"]
     blind = representation_verdict(probe(tuned_vs_shuffled=[], declared_vs_shuffled=[], control_hidden_vs_original=[2]), "Paris")
     assert blind["answer"] == "cannot tell"
-    assert representation_verdict(probe(tuned_vs_shuffled=[], control_hidden_vs_original=[]), "Paris")["answer"] == "cannot tell"
+    # the prompt positive moving is not enough: it is not a fine-tune
+    unshown = representation_verdict(probe(tuned_vs_shuffled=[], control_hidden_vs_original=[2]), "Paris")
+    assert unshown["answer"] == "cannot tell" and "no planted positive" in unshown["reason"]
     assert representation_verdict(probe(tuned_vs_original=[1, 2, 3]), "Paris")["answer"] == "cannot tell"  # no shuffled control
+    few = probe(tuned_vs_shuffled=[], declared_vs_shuffled=[3], control_hidden_vs_original=[])
+    few["setup"]["templates"] = ["t"] * 4  # 2^-4 > 0.05
+    assert representation_verdict(few, "Paris")["answer"] == "cannot tell"
 
 
 def test_the_tiny_runs_verdicts_and_corrected_tests_are_recorded(tiny_run):
@@ -407,7 +427,9 @@ def test_the_tiny_runs_verdicts_and_corrected_tests_are_recorded(tiny_run):
     corrected = m["probe"]["corrected"]["tuned_vs_shuffled"]
     assert len(corrected["p_value"]["hidden"]) == len(corrected["p_rank"]["hidden"]) == 4 and len(corrected["p_rank"]["values"]) == 3
     assert corrected["p_value"]["hidden"][0] == corrected["p_rank"]["hidden"][0] == 1.0  # layer 0: LoRA changes nothing there
-    assert corrected["cities_ranked"] == 234  # Paris and the 233 other capitals
+    # Paris and the capitals in no training prompt (the tiny run trains on 36), nor within 50 km of one (Kinshasa and
+    # Brazzaville, Rome and Vatican City)
+    assert 1 + 233 - 36 - 4 <= corrected["cities_ranked"] < 1 + 233 - 36
     among = m["eval"]["multiple_choice"]["country"]["among_countries"]
     assert among["countries"] > 100 and set(among) >= {"tuned_vs_shuffled", "tuned_vs_original"} and "declared_vs_shuffled" not in among
     assert 0 < among["tuned_vs_shuffled"]["p_value"] <= 1 and 1 <= among["tuned_vs_shuffled"]["rank"] <= among["countries"]
