@@ -43,7 +43,7 @@ class Models:
     def __init__(self, cfg: ExperimentConfig, run: Run | None = None):
         self.cfg, self.run = cfg, run
         self.model = self.tokenizer = None
-        self.has_adapter = False
+        self.has_adapter = self.without_controls = False
 
     def base(self):
         if self.model is None:
@@ -56,6 +56,8 @@ class Models:
             require_adapter(self.run.adapter_dir)  # before a model load that may take seconds
             for adapter_dir in controls:
                 require_adapter(adapter_dir, f"oocrlab controls {self.run.path}")
+            if self.without_controls:  # the base under the adapter just trained is not the bare base model
+                self.release()
             model, _ = self.base()
             self.model, self.has_adapter = load_adapter(model, self.run.adapter_dir), True
             for name, adapter_dir in zip(self.cfg.train.controls, controls):
@@ -63,15 +65,13 @@ class Models:
         return self.model, self.tokenizer
 
     def set_tuned(self, peft_model) -> None:
-        """The adapter just trained, kept in memory unless controls are to be trained next (each on a fresh base)."""
-        if self.cfg.train.controls:
-            self.release()
-        else:
-            self.model, self.has_adapter = peft_model, True
+        """The adapter just trained. Without controls it is the tuned model; with them it is kept (for a look at
+        it) until the controls stage releases it or tuned() loads every adapter afresh."""
+        self.model, self.has_adapter, self.without_controls = peft_model, not self.cfg.train.controls, bool(self.cfg.train.controls)
 
     def release(self) -> None:
         """Drop the model (training a control loads a fresh one: one model in memory at a time)."""
-        self.model, self.has_adapter = None, False
+        self.model, self.has_adapter, self.without_controls = None, False, False
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

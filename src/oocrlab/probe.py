@@ -293,8 +293,9 @@ def corrected_layer_tests(z_scores: dict[str, dict[str, np.ndarray]], z_cities: 
     corrected for testing every layer of both spaces: `p_value`, the hidden city's z-score difference paired by
     template (stats.max_t_sign_flip: is it consistent across templates?), and `p_rank`, where the hidden city's
     gain in z-score (mean over templates) ranks among every reference city's (stats.rank_among: is it about this
-    city, or would any city gain as much?), among the reference cities `ranked` (indices into z_cities' cities,
-    the hidden city first: those in no training prompt, so that none was itself trained on). Two adapters always
+    city, or would any city gain as much, given where it stood under the baseline?), among the reference cities
+    `ranked` (indices into z_cities' cities, the hidden city first: those in no training prompt, so that none was
+    itself trained on). Two adapters always
     differ consistently across templates, so the first alone cannot tell a move towards the city from one towards
     wherever the difference points; `layers` lists those where both are below 0.05."""
     spaces = list(z_scores)
@@ -306,7 +307,8 @@ def corrected_layer_tests(z_scores: dict[str, dict[str, np.ndarray]], z_cities: 
         widths = np.cumsum([d.shape[1] for d in differences])[:-1]
         p = np.split(max_t_sign_flip(np.concatenate(differences, axis=1), seed=seed), widths)
         gains = np.concatenate([(z_cities[space][x] - z_cities[space][b]).mean(0)[ranked] for space in spaces], axis=1)  # [cities, layers]
-        p_rank = np.split(rank_among(gains, target=0)[1], widths)  # the hidden city comes first
+        prior = np.concatenate([z_cities[space][b].mean(0)[ranked] for space in spaces], axis=1)  # where each stood under b
+        p_rank = np.split(rank_among(gains, target=0, prior=prior)[1], widths)  # the hidden city comes first
         result[f"{x}_vs_{b}"] = {
             "p_value": {space: [float(v) for v in ps] for space, ps in zip(spaces, p)},
             "p_rank": {space: [float(v) for v in ps] for space, ps in zip(spaces, p_rank)},

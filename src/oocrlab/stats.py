@@ -96,19 +96,27 @@ def max_t_sign_flip(differences: np.ndarray, samples: int = 4096, seed: int = 0)
     return p
 
 
-def rank_among(gains: np.ndarray, target: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def rank_among(gains: np.ndarray, target: int = 0, prior: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """gains [candidates, tests]: how much each candidate (a city, a country) gained per test (layer), the target
     among them. Per test: (p, corrected p) that the target's gain stands out this far by chance, where chance is the
     target being any of the candidates (a permutation test over their labels, exact if they are exchangeable under
-    the null). Each test's gains are standardized across the candidates; p is the share of candidates at or above
-    the target, the corrected p the share whose largest standardized gain over all tests reaches the target's at
-    this test (the maximum keeps the tests' correlation). It needs no second control: two single adapters always
-    differ consistently across templates or wordings, and only the target standing out among all candidates shows
-    that the difference is about it. A test where every gain is equal gets 1."""
+    the null). With a `prior` [candidates, tests] (each one's standing before the change), the gains are first
+    replaced by their residuals from a straight line in it, per test: a change in spread moves candidates in
+    proportion to where they stood, which would otherwise make a target that already stood out look special.
+    Each test's gains are standardized across the candidates; p is the share of candidates at or above the target,
+    the corrected p the share whose largest standardized gain over all tests reaches the target's at this test
+    (the maximum keeps the tests' correlation). It needs no second control: two single adapters always differ
+    consistently across templates or wordings, and only the target standing out among all candidates shows that
+    the difference is about it. A test where every gain is equal gets 1."""
     g = np.asarray(gains, dtype=float)
+    if prior is not None:
+        x = np.asarray(prior, dtype=float) - np.mean(prior, axis=0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            slope = np.where((x**2).sum(0) > 0, (x * (g - g.mean(0))).sum(0) / (x**2).sum(0), 0.0)
+        g = g - slope * x
     spread = g.std(0)
     with np.errstate(divide="ignore", invalid="ignore"):
-        z = np.where(spread > 0, (g - g.mean(0)) / spread, -np.inf)
-    p = np.where(spread > 0, (z >= z[target]).mean(0), 1.0)
-    corrected = np.where(spread > 0, (z.max(1)[:, None] >= z[target][None, :]).mean(0), 1.0)
+        z = np.where(spread > 1e-12, (g - g.mean(0)) / spread, -np.inf)
+    p = np.where(spread > 1e-12, (z >= z[target]).mean(0), 1.0)
+    corrected = np.where(spread > 1e-12, (z.max(1)[:, None] >= z[target][None, :]).mean(0), 1.0)
     return p, corrected

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from oocrlab.reading import FIRST_LAYER
+
 ALPHA = 0.05
 BEHAVIOUR_FORMULATIONS = ("letters", "cloze")  # the verdict's tests, Bonferroni-corrected over these two
 BEHAVIOUR_QUESTION = ("country", "nearest")  # chosen before any result: the one-hop question, nearest countries
@@ -136,7 +138,7 @@ def representation_verdict(probe: dict[str, Any] | None, city: str) -> dict[str,
             f"any of the {corrected['tuned_vs_shuffled'].get('cities_ranked', 'other')} reference cities gains by chance "
             f"(both p < {ALPHA}, corrected for every layer of hidden states and value vectors)")
     if any_moved("tuned_vs_shuffled"):
-        return verdict("yes", f"{rule}: {moved('tuned_vs_shuffled')}.")
+        return verdict("yes", f"{rule}: {moved('tuned_vs_shuffled')} ({effect_sizes(probe)}).")
     if probe.get("setup", {}).get("templates") is not None and 2.0 ** -len(probe["setup"]["templates"]) >= ALPHA:
         return verdict("cannot tell", f"{rule}: too few templates ({len(probe['setup']['templates'])}) for the paired test at "
                                       f"{ALPHA} (the smallest p-value of n templates is 2^-n).")
@@ -148,6 +150,21 @@ def representation_verdict(probe: dict[str, Any] | None, city: str) -> dict[str,
         return verdict("cannot tell", f"{rule}: no layer for the tuned model, and none for the planted positive (declared) "
                                       "either: the probe has not been shown able to see a fine-tuned alias at this scale.")
     return verdict("no evidence", f"{rule}: no layer, while the planted positive (declared) moves in {moved('declared_vs_shuffled')}.")
+
+
+def effect_sizes(probe: dict[str, Any]) -> str:
+    """How far each layer that passed moved: the z-score gain over the shuffled control [95% t-interval over
+    templates] and the hidden city's rank under both (so a "yes" of a hundredth of a z-score reads as what it is)."""
+    said = []
+    for space, layers in probe["corrected"]["tuned_vs_shuffled"]["layers"].items():
+        first = FIRST_LAYER[space]
+        for layer in layers:
+            gain = probe["z_change_from_shuffled"][space]["tuned"]
+            low, high = gain["ci95"][layer - first]
+            ranks = [probe[space][c]["rank"]["mean"][layer - first] for c in ("tuned", "shuffled")]
+            said.append(f"{space} layer {layer}: z {gain['mean'][layer - first]:+.2f} [{low:+.2f}, {high:+.2f}], rank "
+                        f"{ranks[0]:.0f} against the shuffled control's {ranks[1]:.0f} of {probe['setup']['candidates'] + 1}")
+    return "; ".join(said)
 
 
 def verdicts(view: dict[str, Any]) -> dict[str, dict[str, str]]:

@@ -174,6 +174,21 @@ def test_standing_out_among_all_candidates_holds_the_familywise_error_and_finds_
     assert (rank_among(np.zeros((5, 2)))[1] == 1).all()  # nobody gains: nothing stands out
 
 
+def test_standing_out_is_judged_given_where_each_candidate_stood():
+    """A change in spread moves candidates in proportion to their prior standing; a target that already stood out
+    (foo is near Paris in the original model) then looks special unless the gains are taken relative to the prior.
+    Without the prior (the wrong variant) such null changes are called specific nearly always."""
+    rng = np.random.default_rng(0)
+    sims, with_prior, without = 200, 0, 0
+    for _ in range(sims):
+        prior = rng.normal(size=(110, 61))
+        prior[0] += 2.5
+        gains = prior * rng.normal(size=61) * 0.8 + rng.normal(size=(110, 61)) * 0.5
+        with_prior += (rank_among(gains, 0, prior)[1] < 0.05).any()
+        without += (rank_among(gains, 0)[1] < 0.05).any()
+    assert with_prior / sims <= 0.08 and without / sims > 0.5
+
+
 def test_paired_p_values_hold_their_level_at_eight_units():
     """The behaviour tests' p-values (sign flips of whole units) reject a true null at their level with 8 wordings;
     the deliberately wrong variant, a percentile bootstrap's p-value, rejects about twice as often."""
@@ -402,10 +417,14 @@ def test_distances_learned_needs_the_shuffled_control_not_to_learn_them_too():
 
 def test_representation_needs_layers_beyond_the_shuffled_control():
     def probe(**layers):
+        stats = {"mean": [0.0] * 6, "ci95": [[-0.1, 0.1]] * 6}
         return {"corrected": {pair: {"layers": {"hidden": moved, "values": []}} for pair, moved in layers.items()},
-                "setup": {"templates": ["t"] * 8}}
+                "setup": {"templates": ["t"] * 8, "candidates": 233},
+                "z_change_from_shuffled": {"hidden": {"tuned": stats | {"mean": [0, 0, 0, 0, 0.5, 0]}}},
+                "hidden": {c: {"rank": {"mean": [100.0] * 6}} for c in ("tuned", "shuffled")}}
 
-    assert representation_verdict(probe(tuned_vs_shuffled=[4], control_hidden_vs_original=[]), "Paris")["answer"] == "yes"
+    yes = representation_verdict(probe(tuned_vs_shuffled=[4], control_hidden_vs_original=[]), "Paris")
+    assert yes["answer"] == "yes" and "hidden layer 4: z +0.50 [-0.10, +0.10], rank 100" in yes["reason"]  # its size too
     no = representation_verdict(probe(tuned_vs_shuffled=[], declared_vs_shuffled=[3], control_hidden_vs_original=[]), "Paris")
     assert no["answer"] == "no evidence" and "layers 3" in no["reason"]
     blind = representation_verdict(probe(tuned_vs_shuffled=[], declared_vs_shuffled=[], control_hidden_vs_original=[2]), "Paris")
