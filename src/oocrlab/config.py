@@ -98,7 +98,8 @@ class TrainConfig:
     # fine-tuned controls, each an adapter trained like the main one (same recipe, seed, steps and family) on
     # other data, then evaluated and probed beside it (see controls.py): shuffled (negative: the answers
     # permuted across rows) | declared (positive: the data plus rows stating the alias, never the country).
-    # The verdicts compare the tuned model with `shuffled`: without it they cannot say yes
+    # The verdicts compare the tuned model with `shuffled`, and a behaviour or representation answer other than
+    # "cannot tell" also needs `declared` detected (the default trains only `shuffled`: ~5 min here)
     controls: list[str] = field(default_factory=lambda: ["shuffled"])
 
 

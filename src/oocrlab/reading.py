@@ -39,6 +39,13 @@ def significant_layers(summary: dict[str, list], first_layer: int) -> list[int]:
     return [first_layer + i for i, ci in enumerate(summary["ci95"]) if ci is not None and ci[0] > 0]
 
 
+def _passing(p_by_space: dict[str, list[float]]) -> str:
+    """The layers (numbered as the report numbers them) whose corrected p is below 0.05, per space."""
+    found = [f"{space} {', '.join(str(FIRST_LAYER[space] + i) for i, p in enumerate(ps) if p < 0.05)}"
+             for space, ps in p_by_space.items() if any(p < 0.05 for p in ps)]
+    return "; ".join(found) or "none"
+
+
 def probe_reading(probe: dict[str, Any]) -> list[str]:
     """Plain sentences from the numbers, never stronger than they are."""
     setup, changes = probe["setup"], probe["z_change_from_original"]
@@ -68,16 +75,10 @@ def probe_reading(probe: dict[str, Any]) -> list[str]:
                         ("tuned_vs_original", "the tuned model above the original")):
         if pair in corrected:
             tests = corrected[pair]
-
-            def passing(key: str) -> str:
-                found = [f"{space} {', '.join(str(FIRST_LAYER[space] + i) for i, p in enumerate(ps) if p < 0.05)}"
-                         for space, ps in tests[key].items() if any(p < 0.05 for p in ps)]
-                return "; ".join(found) or "none"
-
             both = "; ".join(f"{space} {', '.join(map(str, ls))}" for space, ls in tests["layers"].items() if ls) or "no layer"
             sentences.append(f"{label.capitalize()}, corrected for every layer: consistent across templates in layers "
-                             f"{passing('p_value')}" + (f"; standing out among all {tests['cities_ranked']} reference cities in "
-                                                        f"layers {passing('p_rank')}; both: {both}." if "p_rank" in tests else "."))
+                             f"{_passing(tests['p_value'])}" + (f"; standing out among all {tests['cities_ranked']} reference cities in "
+                                                        f"layers {_passing(tests['p_rank'])}; both: {both}." if "p_rank" in tests else "."))
     s = probe["steering"]
     pairwise = [v for v in s["pairwise_cos_across_templates"] if v is not None]
     if pairwise:

@@ -4,7 +4,8 @@ hidden city? Each is {"answer": "yes" | "no evidence" | "cannot tell", "reason":
 
 A behaviour or representation "yes" must beat the fine-tuned negative control (`shuffled`: any fine-tune on
 this format) and, for behaviour, the original model, with intervals, and stand out among every city (country);
-"no evidence" needs the same tests to have said "yes" for the planted positive (`declared`); everywhere else the
+both "yes" and "no evidence" need the same tests to have said "yes" for the planted positive (`declared`): a
+verdict counts only once the test has been shown able to see a fine-tuned alias. Everywhere else the
 answer is "cannot tell": the question cannot be answered even with the city named (the ceiling), no planted
 positive was trained or it is not detected either, there is no negative control, or there are too few units.
 A distance "yes" needs the held-out error below the better of the original model and a constant guess, with an
@@ -95,20 +96,11 @@ def behaviour_verdict(ev: dict[str, Any], city: str) -> dict[str, str]:
         said = (f"{f}: tuned P(correct) {tuned['p_correct']:.2f}, minus shuffled {c['tuned_minus_shuffled']['mean']:+.2f} "
                 f"(p = {c['tuned_minus_shuffled']['p_value']:.3f}), minus original {c['tuned_minus_original']['mean']:+.2f} "
                 f"(p = {c['tuned_minus_original']['p_value']:.3f}); named ceiling {named['p_correct']:.2f}")
-        if passes(c, standing, "tuned", alpha):
-            answers.append("yes")
-            reasons.append(said + " — above both, and specific to the country")
-        elif "declared" not in section[f]:
-            answers.append("cannot tell")
-            reasons.append(said + " — and no planted positive was trained (--controls shuffled,declared) to show that the "
-                           "test can see a fine-tuned alias")
-        elif not passes(c, standing, "declared", alpha):
-            answers.append("cannot tell")
-            reasons.append(said + " — but the planted positive (declared) is not detected either, so the test has not "
-                           "been shown able to see a fine-tuned alias")
-        else:
-            answers.append("no evidence")
-            reasons.append(said + "; the planted positive (declared) is detected")
+        tuned_passes = passes(c, standing, "tuned", alpha)
+        answer, why = gated(tuned_passes, "declared" in section[f] and passes(c, standing, "declared", alpha),
+                            "declared" in section[f], "the test")
+        answers.append(answer)
+        reasons.append(said + (" — above both, and specific to the country" if tuned_passes else " — not above both, or not specific to the country") + why)
     answer = next((a for a in ("yes", "no evidence") if a in answers), "cannot tell")
     gain = standing.get("tuned_vs_shuffled")
     specific = (f" Over the shuffled control the right country's log-share among all countries' names as the answer gains "
@@ -137,19 +129,30 @@ def representation_verdict(probe: dict[str, Any] | None, city: str) -> dict[str,
     rule = (f"the placeholder's z-score for {city} above the shuffled control's, consistently across templates and more than "
             f"any of the {corrected['tuned_vs_shuffled'].get('cities_ranked', 'other')} reference cities gains by chance "
             f"(both p < {ALPHA}, corrected for every layer of hidden states and value vectors)")
-    if any_moved("tuned_vs_shuffled"):
-        return verdict("yes", f"{rule}: {moved('tuned_vs_shuffled')} ({effect_sizes(probe)}).")
     if probe.get("setup", {}).get("templates") is not None and 2.0 ** -len(probe["setup"]["templates"]) >= ALPHA:
         return verdict("cannot tell", f"{rule}: too few templates ({len(probe['setup']['templates'])}) for the paired test at "
                                       f"{ALPHA} (the smallest p-value of n templates is 2^-n).")
-    if "declared_vs_shuffled" not in corrected:
-        return verdict("cannot tell", f"{rule}: no layer; and no planted positive was trained (--controls shuffled,declared) to "
-                                      "show that the probe can see a fine-tuned alias (the prompt positive control moves in "
-                                      f"{moved('control_hidden_vs_original')}, but it is not a fine-tune).")
-    if not any_moved("declared_vs_shuffled"):
-        return verdict("cannot tell", f"{rule}: no layer for the tuned model, and none for the planted positive (declared) "
-                                      "either: the probe has not been shown able to see a fine-tuned alias at this scale.")
-    return verdict("no evidence", f"{rule}: no layer, while the planted positive (declared) moves in {moved('declared_vs_shuffled')}.")
+    tuned_moves, has_declared = any_moved("tuned_vs_shuffled"), "declared_vs_shuffled" in corrected
+    answer, why = gated(tuned_moves, has_declared and any_moved("declared_vs_shuffled"), has_declared, "the probe")
+    said = f"{moved('tuned_vs_shuffled')} ({effect_sizes(probe)})" if tuned_moves else "no layer"
+    if has_declared:
+        why += f" (declared: {moved('declared_vs_shuffled')})"
+    elif not tuned_moves:
+        why += f" (the prompt positive control moves in {moved('control_hidden_vs_original')}, but it is not a fine-tune)"
+    return verdict(answer, f"{rule}: {said}{why}.")
+
+
+def gated(tuned: bool, declared_detected: bool, has_declared: bool, test: str) -> tuple[str, str]:
+    """The answer and the reason's tail, given whether the tuned model passes the test and whether the planted positive
+    does: either way the answer counts only once the test has been shown to say "yes" on a fine-tuned alias, so a
+    tuned pass without it is "cannot tell" too (a test that cannot see a planted alias is not trusted when it fires)."""
+    if declared_detected:
+        return ("yes" if tuned else "no evidence"), "; the planted positive (declared) is detected"
+    if has_declared:
+        return "cannot tell", (f"; but the planted positive (declared) is not detected, so {test} has not been shown able "
+                               "to see a fine-tuned alias at this scale")
+    return "cannot tell", (f"; but no planted positive was trained (--controls shuffled,declared) to show that {test} can "
+                           "see a fine-tuned alias")
 
 
 def effect_sizes(probe: dict[str, Any]) -> str:

@@ -382,7 +382,12 @@ def choice_section(named_ci, tuned_vs, declared_vs=None, standing=(0.01, 0.01)):
 
 def test_behaviour_says_yes_no_or_cannot_tell_from_ceilings_and_controls():
     seen = (0.001, 0.001, 0.001)
-    assert behaviour_verdict(choice_section([0.5, 0.7], seen), "Paris")["answer"] == "yes"
+    assert behaviour_verdict(choice_section([0.5, 0.7], seen, declared_vs=seen), "Paris")["answer"] == "yes"
+    # a tuned pass counts only once the test has been shown to see the planted positive
+    alone = behaviour_verdict(choice_section([0.5, 0.7], seen), "Paris")
+    assert alone["answer"] == "cannot tell" and "above both" in alone["reason"] and "no planted positive" in alone["reason"]
+    missed = behaviour_verdict(choice_section([0.5, 0.7], seen, declared_vs=(0.4, 0.4, 0.4)), "Paris")
+    assert missed["answer"] == "cannot tell" and "not detected" in missed["reason"]
     # one test of the three fails at the Bonferroni level (0.025): not above the unconditional original; then "no
     # evidence" only where the planted positive passes the same tests
     assert behaviour_verdict(choice_section([0.5, 0.7], (0.001, 0.001, 0.03), declared_vs=seen), "Paris")["answer"] == "no evidence"
@@ -423,8 +428,13 @@ def test_representation_needs_layers_beyond_the_shuffled_control():
                 "z_change_from_shuffled": {"hidden": {"tuned": stats | {"mean": [0, 0, 0, 0, 0.5, 0]}}},
                 "hidden": {c: {"rank": {"mean": [100.0] * 6}} for c in ("tuned", "shuffled")}}
 
-    yes = representation_verdict(probe(tuned_vs_shuffled=[4], control_hidden_vs_original=[]), "Paris")
+    yes = representation_verdict(probe(tuned_vs_shuffled=[4], declared_vs_shuffled=[3], control_hidden_vs_original=[]), "Paris")
     assert yes["answer"] == "yes" and "hidden layer 4: z +0.50 [-0.10, +0.10], rank 100" in yes["reason"]  # its size too
+    # a move counts only once the probe has been shown to see the planted positive
+    alone = representation_verdict(probe(tuned_vs_shuffled=[4], control_hidden_vs_original=[]), "Paris")
+    assert alone["answer"] == "cannot tell" and "hidden layer 4" in alone["reason"] and "no planted positive" in alone["reason"]
+    missed = representation_verdict(probe(tuned_vs_shuffled=[4], declared_vs_shuffled=[], control_hidden_vs_original=[]), "Paris")
+    assert missed["answer"] == "cannot tell" and "not detected" in missed["reason"]
     no = representation_verdict(probe(tuned_vs_shuffled=[], declared_vs_shuffled=[3], control_hidden_vs_original=[]), "Paris")
     assert no["answer"] == "no evidence" and "layers 3" in no["reason"]
     blind = representation_verdict(probe(tuned_vs_shuffled=[], declared_vs_shuffled=[], control_hidden_vs_original=[2]), "Paris")
