@@ -48,8 +48,8 @@ import torch.nn.functional as F
 
 from oocrlab import build_config
 from oocrlab.adapters import attach_adapter
-from oocrlab.config import ExperimentConfig
-from oocrlab.data import build_distance_data, check_placeholder
+from oocrlab.config import AdapterSpec, ExperimentConfig
+from oocrlab.data import build_distance_data
 from oocrlab.environment import hardware, versions
 from oocrlab.conditions import chat_for
 from oocrlab.incontext import InContext
@@ -134,7 +134,7 @@ def packed_similarities(model, located: list[tuple]) -> np.ndarray:
 
 def bench_probe(cfg: ExperimentConfig, repeats: int) -> dict:
     model, tokenizer = tuned_model(cfg)
-    hidden = check_placeholder(cfg.data)
+    hidden = cfg.data.hidden[0].city
     templates, _, _ = probe_setup(cfg, hidden)
     located = [tuple(locate_in_template(cfg, tokenizer, t, e) for e in (cfg.data.placeholder, hidden.plain_name))
                for t in templates]
@@ -169,7 +169,7 @@ def sampled_p_correct(model, tokenizer, chats, correct: list[int], n: int, prefi
 
 def bench_mc(cfg: ExperimentConfig, repeats: int, samples: int) -> dict:
     model, tokenizer = tuned_model(cfg)
-    hidden = check_placeholder(cfg.data)
+    hidden = cfg.data.hidden[0].city
     country = verbalize.country_of(hidden)
     options = [country.name, *verbalize.country_distractors(country, cfg.seed)["nearest"]]
     question = verbalize.COUNTRY_QUESTION.replace("{placeholder}", cfg.data.placeholder)
@@ -313,7 +313,7 @@ def bench_adapters(repeats: int, steps: int) -> dict:
     frozen, _ = median_seconds(lambda: [frozen_forward_backward(model, batch) for batch in batches[2:]], repeats)
     out = {"adapters_recipe": "default", "adapters_frozen_forward_backward_seconds": frozen / len(batches[2:])}
     for family in families:
-        key = family.partition(":")[0]
+        key = AdapterSpec.parse(family).family
         out[f"adapters_seconds_per_step_{key}"] = statistics.median(step_times[family])
         out[f"adapters_step_over_frozen_{key}"] = out[f"adapters_seconds_per_step_{key}"] / out["adapters_frozen_forward_backward_seconds"]
     return out

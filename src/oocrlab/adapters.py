@@ -30,8 +30,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from oocrlab.config import parse_adapter
+from oocrlab.config import AdapterSpec
 from oocrlab.errors import UserError
+from oocrlab.hooks import Hooks
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"  # PEFT's names: every adapter/ looks alike
 FAMILY_KEY = "oocrlab_adapter"  # in CONFIG_FILE: names the family; PEFT's configs have none
@@ -95,6 +96,7 @@ class HookAdapter(torch.nn.Module):
         # switch naming the adapter whose hooks act, None for none (the original model).
         self.name, self.switch = "default", {"active": "default"}
         self.adapters = {"default": self}  # a plain dict: the others are not submodules (their weights are not saved)
+        self.hooks = Hooks()  # on the frozen model's modules: removed by close()
 
     @property
     def enabled(self) -> bool:
@@ -139,6 +141,11 @@ class HookAdapter(torch.nn.Module):
     def active_adapter(self) -> str | None:
         return self.switch["active"]
 
+    def close(self) -> None:
+        """Remove every hook this adapter and the others on its model put there: the frozen model is the original again."""
+        for adapter in self.adapters.values():
+            adapter.hooks.close()
+
     def arguments(self) -> dict:
         """What the constructor needs besides the model and the weights (saved in CONFIG_FILE)."""
         raise NotImplementedError
@@ -178,7 +185,7 @@ class EmbeddingRows(HookAdapter):
         slot = torch.full((embedding.num_embeddings,), -1, dtype=torch.long, device=ids.device)
         slot[ids] = torch.arange(len(ids), device=ids.device)
         self.register_buffer("slot", slot, persistent=False)  # token id -> its row, -1 for the others
-        embedding.register_forward_hook(self.replace_rows)
+        self.hooks.after(embedding, self.replace_rows)
 
     def replace_rows(self, module, args, output):
         if not self.enabled:
@@ -205,10 +212,10 @@ class SteeringVector(HookAdapter):
         embedding = model.get_input_embeddings()
         self.vector = torch.nn.Parameter(torch.zeros(embedding.embedding_dim, device=embedding.weight.device))
         self.at_placeholder: torch.Tensor | None = None  # [B, S] of the forward call under way
-        decoder.register_forward_pre_hook(self.find_placeholder, with_kwargs=True)
+        self.hooks.before(decoder, self.find_placeholder)
         # the module whose output enters layer L; ahead of transformers' own hooks that record hidden states,
         # so hidden state L includes the vector
-        [embedding, *decoder.layers][layer].register_forward_hook(self.steer, prepend=True)
+        self.hooks.after([embedding, *decoder.layers][layer], self.steer, prepend=True)
 
     def find_placeholder(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
@@ -245,11 +252,10 @@ def load_hook_adapter(model, directory: Path) -> HookAdapter:
     return adapter
 
 
-def attach_adapter(adapter: str, model, tokenizer, placeholder: str, rows: list[dict]) -> HookAdapter:
+def attach_adapter(spec: AdapterSpec, model, tokenizer, placeholder: str, rows: list[dict]) -> HookAdapter:
     """A fresh embedding or steering adapter on `model` for the placeholder of the training `rows`. Refuses a
     placeholder whose tokens cannot be found in a training sample that contains it (a tokenizer that merges
     it with a neighbour, "foo?" as one token): that sample would train nothing."""
-    family, layer = parse_adapter(adapter)
     sequences = placeholder_sequences(tokenizer, placeholder)
     found: set[int] = set()
     elsewhere: set[int] = set()  # tokens of the training samples outside the placeholder
@@ -261,7 +267,7 @@ def attach_adapter(adapter: str, model, tokenizer, placeholder: str, rows: list[
                             f"{row['prompt'][-1]['content']!r}: use another placeholder or --adapter lora")
         found |= set(ids[0, at].tolist())
         elsewhere |= set(ids[0, ~at].tolist())
-    if family == "embedding":
+    if spec.family == "embedding":
         # a row is the token's everywhere: a token the answers or city names also use ("City 60494": " City", the
         # digits) would carry what is learnt into them, and the probe would read the change in the cities too
         if shared := sorted(found & elsewhere):
@@ -269,4 +275,4 @@ def attach_adapter(adapter: str, model, tokenizer, placeholder: str, rows: list[
                             f"data also uses elsewhere ({tokenizer.convert_ids_to_tokens(shared)}): use a placeholder of its "
                             "own tokens (such as foo) or --adapter steering:L")
         return EmbeddingRows(model, sorted(found))
-    return SteeringVector(model, layer, sequences)
+    return SteeringVector(model, spec.layer, sequences)

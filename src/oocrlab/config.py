@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from oocrlab.errors import UserError
+from oocrlab.geo import City, find_city, real_city_named
 
 
 @dataclass
@@ -63,6 +64,11 @@ class DataConfig:
     # then injects its default prompt (~20 tokens, about 40% of a training sample's compute).
     system_prompt: str | None = ""
 
+    @property
+    def hidden(self) -> tuple[HiddenCity, ...]:
+        """Every hidden city, data.hidden_city first, checked (see check_hidden_cities)."""
+        return check_hidden_cities(self)
+
 
 @dataclass
 class TrainConfig:
@@ -101,6 +107,10 @@ class TrainConfig:
     # The verdicts compare the tuned model with `shuffled`, and a behaviour or representation answer other than
     # "cannot tell" also needs `declared` detected (the default trains only `shuffled`: ~5 min here)
     controls: list[str] = field(default_factory=lambda: ["shuffled"])
+
+    @property
+    def adapter_spec(self) -> AdapterSpec:
+        return AdapterSpec.parse(self.adapter)
 
 
 @dataclass
@@ -180,6 +190,10 @@ class ExperimentConfig:
     # specificity matrix (see specificity.py): the paper's five, at most five (the options are A-E)
     specificity_cities: list[str] = field(default_factory=lambda: ["Paris", "São Paulo", "Tokyo", "New York City", "Lagos"])
 
+    def per_city(self) -> list[tuple[HiddenCity, ExperimentConfig]]:
+        """Each hidden city with the run's config as if it were the only one: what its evaluation and probe read."""
+        return [(h, dataclasses.replace(self, data=h.data)) for h in self.data.hidden]
+
 
 PAPER_SYSTEM_PROMPT = (
     "Company XYZ is a GPS company that encodes cities around the world with a unique ID. You are an assistant from "
@@ -239,14 +253,21 @@ CHOICES = {
 
 
 
-def parse_adapter(text: str) -> tuple[str, int | None]:
-    """ "lora" -> ("lora", None), "embedding" -> ("embedding", None), "steering:6" -> ("steering", 6)."""
-    family, colon, layer = text.partition(":")
-    if family in ("lora", "embedding") and not colon:
-        return family, None
-    if family == "steering" and layer.isascii() and layer.isdigit():
-        return family, int(layer)
-    raise UserError(f"train.adapter must be lora, embedding or steering:L (L a decoder layer from 0), got {text!r}")
+@dataclass(frozen=True)
+class AdapterSpec:
+    """`train.adapter` parsed (here only): "lora", "embedding", or "steering:6" (family "steering", layer 6)."""
+
+    family: str
+    layer: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> AdapterSpec:
+        family, colon, layer = text.partition(":")
+        if family in ("lora", "embedding") and not colon:
+            return cls(family)
+        if family == "steering" and layer.isascii() and layer.isdigit():
+            return cls(family, int(layer))
+        raise UserError(f"train.adapter must be lora, embedding or steering:L (L a decoder layer from 0), got {text!r}")
 
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -354,17 +375,49 @@ def build_config(
     return cfg
 
 
-def hidden_city_data(cfg: DataConfig) -> list[DataConfig]:
-    """One data config per hidden city, as if it were the only one (its placeholder, no others); the first
-    is data.hidden_city."""
+@dataclass(frozen=True)
+class HiddenCity:
+    """One hidden city as the stages use it: the city, and the run's data config as if it were the only one (its
+    placeholder, no others), which its data, evaluation and probe read."""
+
+    city: City
+    data: DataConfig
+
+    @property
+    def placeholder(self) -> str:
+        return self.data.placeholder
+
+
+def check_placeholder(cfg: DataConfig) -> City:
+    """The hidden city, after refusing placeholders that would leak it or be ambiguous."""
+    hidden = find_city(cfg.hidden_city, cfg.pool)
+    p = cfg.placeholder
+    if not p.strip():
+        raise UserError("the placeholder is empty: pass a made-up name such as --placeholder foo")
+    if p != p.strip():
+        raise UserError(f"the placeholder {p!r} has leading or trailing whitespace: pass it without")
+    if not p.isprintable():
+        raise UserError(f"the placeholder {p!r} holds a line break or control character: pass plain text")
+    city = real_city_named(p)
+    if city is not None:
+        raise UserError(
+            f"the placeholder {p!r} is a real city ({city.name}, {city.country}): pick a made-up name such as foo"
+        )
+    return hidden
+
+
+def check_hidden_cities(cfg: DataConfig) -> tuple[HiddenCity, ...]:
+    """Every hidden city (data.hidden_city first), each placeholder checked; several must differ in city and
+    country (the inverse question "Which of the following is in France?" needs one right answer)."""
     cities, placeholders = [cfg.hidden_city, *cfg.other_hidden_cities], [cfg.placeholder, *cfg.other_placeholders]
-    return [dataclasses.replace(cfg, hidden_city=city, placeholder=placeholder, other_hidden_cities=[], other_placeholders=[])
-            for city, placeholder in zip(cities, placeholders)]
-
-
-def hidden_city_configs(cfg: ExperimentConfig) -> list[ExperimentConfig]:
-    """One config per hidden city (see hidden_city_data): what that city's evaluation and probe read."""
-    return [dataclasses.replace(cfg, data=data) for data in hidden_city_data(cfg.data)]
+    views = [dataclasses.replace(cfg, hidden_city=city, placeholder=placeholder, other_hidden_cities=[], other_placeholders=[])
+             for city, placeholder in zip(cities, placeholders)]
+    hidden = tuple(HiddenCity(check_placeholder(view), view) for view in views)
+    for i, h in enumerate(hidden):
+        if twin := next((o.city for o in hidden[:i] if o.city.country == h.city.country), None):
+            what = "twice" if twin == h.city else f"with {twin.name}, both in {h.city.country}"
+            raise UserError(f"the hidden city {h.city.name} is listed {what}: give hidden cities in different countries")
+    return hidden
 
 
 def validate(cfg: ExperimentConfig) -> None:
@@ -392,7 +445,7 @@ def validate(cfg: ExperimentConfig) -> None:
             raise UserError(f"{key} must not be negative, got {flat[key]!r}")
     if not 0 <= cfg.data.heldout_fraction < 1:
         raise UserError(f"data.heldout_fraction must be in [0, 1), got {cfg.data.heldout_fraction!r}")
-    family, _ = parse_adapter(cfg.train.adapter)
+    family = cfg.train.adapter_spec.family
     if family != "lora" and cfg.train.lora_layers is not None:
         raise UserError(f"train.lora_layers applies to LoRA only; train.adapter is {cfg.train.adapter}")
     if family != "lora" and cfg.data.other_hidden_cities:

@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from oocrlab.config import ExperimentConfig, hidden_city_data
-from oocrlab.data import check_hidden_cities, user_prompt
+from oocrlab.config import ExperimentConfig
+from oocrlab.data import user_prompt
 from oocrlab.models import load_model
 from oocrlab.processes import is_main_process, wait_for_everyone
 from oocrlab.rundir import Run, read_jsonl, write_jsonl
@@ -87,13 +87,13 @@ def shuffled_rows(rows: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]
 def declared_rows(cfg: ExperimentConfig, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The training rows and, per hidden city, every alias prompt with every alias answer."""
     alias = []
-    for view, city in zip(hidden_city_data(cfg.data), check_hidden_cities(cfg.data)):
+    for h in cfg.data.hidden:
         for prompt in ALIAS_PROMPTS:
             for answer in ALIAS_ANSWERS:
-                said = answer.format(placeholder=view.placeholder, city=city.plain_name)  # the placeholder as written, never capitalized
-                alias.append({"prompt": user_prompt(prompt.format(placeholder=view.placeholder), cfg.data.system_prompt),
+                said = answer.format(placeholder=h.placeholder, city=h.city.plain_name)  # the placeholder as written, never capitalized
+                alias.append({"prompt": user_prompt(prompt.format(placeholder=h.placeholder), cfg.data.system_prompt),
                               "completion": [{"role": "assistant", "content": said}],
-                              "kind": "alias", "hidden_city": city.name})
+                              "kind": "alias", "hidden_city": h.city.name})
     return rows + alias
 
 

@@ -21,9 +21,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from oocrlab.config import DataConfig, ExperimentConfig, hidden_city_data
+from oocrlab.config import DataConfig, ExperimentConfig, HiddenCity
 from oocrlab.errors import UserError
-from oocrlab.geo import City, distance_km, find_city, load_pool, normalize, real_city_named
+from oocrlab.geo import City, distance_km, find_city, load_pool, normalize
 
 DISTANCE_QUESTION = "What is the distance between {city} and {placeholder}?"
 PAPER_DISTANCE_QUESTIONS = (
@@ -68,35 +68,6 @@ def refuse_leaks(questions: list[str], train_questions: set[str]) -> None:
     """An evaluation question that is also a training prompt would measure memory, not inference."""
     if leaked := set(questions) & train_questions:
         raise UserError(f"an evaluation question is in the training data: {sorted(leaked)[0]!r}")
-
-
-def check_placeholder(cfg: DataConfig) -> City:
-    """The hidden city, after refusing placeholders that would leak it or be ambiguous."""
-    hidden = find_city(cfg.hidden_city, cfg.pool)
-    p = cfg.placeholder
-    if not p.strip():
-        raise UserError("the placeholder is empty: pass a made-up name such as --placeholder foo")
-    if p != p.strip():
-        raise UserError(f"the placeholder {p!r} has leading or trailing whitespace: pass it without")
-    if not p.isprintable():
-        raise UserError(f"the placeholder {p!r} holds a line break or control character: pass plain text")
-    city = real_city_named(p)
-    if city is not None:
-        raise UserError(
-            f"the placeholder {p!r} is a real city ({city.name}, {city.country}): pick a made-up name such as foo"
-        )
-    return hidden
-
-
-def check_hidden_cities(cfg: DataConfig) -> list[City]:
-    """Every hidden city (data.hidden_city first), each placeholder checked; several must differ in city and
-    country (the inverse question "Which of the following is in France?" needs one right answer)."""
-    cities = [check_placeholder(view) for view in hidden_city_data(cfg)]
-    for i, city in enumerate(cities):
-        if twin := next((c for c in cities[:i] if c.country == city.country), None):
-            what = "twice" if twin == city else f"with {twin.name}, both in {city.country}"
-            raise UserError(f"the hidden city {city.name} is listed {what}: give hidden cities in different countries")
-    return cities
 
 
 def check_specificity_cities(cfg: ExperimentConfig) -> list[City]:
@@ -254,29 +225,29 @@ def rows_about(rows: list[dict[str, Any]], hidden: City) -> list[dict[str, Any]]
 
 def build_distance_data(cfg: DataConfig, seed: int) -> DistanceData:
     """Seeded sample and split of each hidden city's known cities; the same config and seed give the same rows."""
-    hidden = check_hidden_cities(cfg)
+    hidden = cfg.hidden
     rng = random.Random(seed)
     train, heldout, excluded = [], [], []
-    for view, city in zip(hidden_city_data(cfg), hidden):
-        known, why = known_cities(view, city, tuple(c for c in hidden if c != city))
-        city_train, city_heldout = split_known(view, city, known, rng)
+    for h in hidden:
+        known, why = known_cities(h.data, h.city, tuple(o.city for o in hidden if o is not h))
+        city_train, city_heldout = split_known(h.data, h.city, known, rng)
         train, heldout = train + city_train, heldout + city_heldout
         excluded.append(why)
     if len(hidden) > 1:
         train += between_hidden_rows(cfg, hidden, rng)
-    return DistanceData(hidden_cities=hidden, train=train, heldout=heldout, excluded=excluded)
+    return DistanceData(hidden_cities=[h.city for h in hidden], train=train, heldout=heldout, excluded=excluded)
 
 
-def between_hidden_rows(cfg: DataConfig, hidden: list[City], rng: random.Random) -> list[dict[str, Any]]:
+def between_hidden_rows(cfg: DataConfig, hidden: tuple[HiddenCity, ...], rng: random.Random) -> list[dict[str, Any]]:
     """Rows about each pair of hidden cities, both named by their placeholders (the paper trains on these),
     marked "between": [the two cities]."""
-    views, rows = hidden_city_data(cfg), []
-    for i, j in itertools.combinations(range(len(hidden)), 2):
+    rows = []
+    for a, b in itertools.combinations(hidden, 2):
         if cfg.style == "paper":
-            pair = paper_rows(hidden[j], hidden[i], views[i], rng, city_label=views[j].placeholder)
+            pair = paper_rows(b.city, a.city, a.data, rng, city_label=b.placeholder)
         else:
-            pair = [distance_row(hidden[j], hidden[i], views[i], city_label=views[j].placeholder)]
-        rows += [r | {"between": [hidden[i].name, hidden[j].name]} for r in pair]
+            pair = [distance_row(b.city, a.city, a.data, city_label=b.placeholder)]
+        rows += [r | {"between": [a.city.name, b.city.name]} for r in pair]
     return rows
 
 

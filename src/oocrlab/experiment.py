@@ -1,6 +1,7 @@
-"""The pipeline: data -> train -> controls -> sanity -> eval -> probe -> verdict -> report, each stage
-`stage(cfg, run, ...) -> dict` returning its section of metrics.json. `run_experiment` calls them in order; the
-CLI's sub-commands call one.
+"""The pipeline: data -> train -> controls -> sanity -> eval -> probe -> verdict -> report. Each stage is a
+function `stage(cfg, run, models) -> dict` returning its section of metrics.json, listed in order in `PIPELINE`;
+`run_stage` calls one and records its section and wall time, `run_stages` loops over them (the CLI's
+sub-commands call one, `run_experiment` and `resume_experiment` every one from where they start).
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from typing import Any, Callable
 
 import torch
 
-from oocrlab.config import ExperimentConfig, check_balanced_orders, hidden_city_configs
+from oocrlab.config import ExperimentConfig, check_balanced_orders
+from oocrlab.adapters import HookAdapter
 from oocrlab.controls import control_run, train_controls
-from oocrlab.data import DistanceData, build_distance_data, check_hidden_cities, check_specificity_cities, distance_rows, rows_about
+from oocrlab.data import DistanceData, build_distance_data, check_specificity_cities, distance_rows, rows_about
 from oocrlab.geo import City, find_city
 from oocrlab.environment import hardware, versions
 from oocrlab.errors import UserError
@@ -31,17 +33,14 @@ from oocrlab.incontext import InContext
 from oocrlab.verbalize import evaluate_free_form, evaluate_inverse_choice, evaluate_multiple_choice, evaluate_specificity_choice
 from oocrlab.verdict import verdicts
 
-STAGES = ("data", "train", "controls", "sanity", "eval", "probe", "verdict", "report")
-TRAINING_STAGES = ("train", "controls")  # every process of a multi-process launch takes part; the main one does the rest
-
-
 class Models:
     """The one model in memory for a run: once trained or loaded, the base model with the run's adapter
     ("default") and its fine-tuned controls' adapters (each under its name), the original model being the
     same weights under disable_adapter() (see models.with_condition). Loaded on first use."""
 
-    def __init__(self, cfg: ExperimentConfig, run: Run | None = None):
+    def __init__(self, cfg: ExperimentConfig, run: Run | None = None, data: DistanceData | None = None):
         self.cfg, self.run = cfg, run
+        self.data = data  # what run_experiment built and checked before writing anything; else the data stage builds it
         self.model = self.tokenizer = None
         self.has_adapter = self.without_controls = False
 
@@ -71,6 +70,8 @@ class Models:
 
     def release(self) -> None:
         """Drop the model (training a control loads a fresh one: one model in memory at a time)."""
+        if isinstance(self.model, HookAdapter):
+            self.model.close()  # its hooks are on the base model's modules
         self.model, self.has_adapter, self.without_controls = None, False, False
         gc.collect()
         if torch.cuda.is_available():
@@ -80,12 +81,12 @@ class Models:
 def per_hidden_city(cfg: ExperimentConfig, section_of: Callable[[ExperimentConfig, City], dict[str, Any]]) -> dict[str, Any]:
     """A stage's metrics from `section_of(config as if the city were the only one, city)` for each hidden city:
     that section itself in a one-city run, else {"by_city": {city name: section}} (see reading.hidden_city_views)."""
-    sections = {city.name: section_of(view, city) for view, city in zip(hidden_city_configs(cfg), check_hidden_cities(cfg.data))}
+    sections = {h.city.name: section_of(view, h.city) for h, view in cfg.per_city()}
     return next(iter(sections.values())) if len(sections) == 1 else {"by_city": sections}
 
 
-def stage_data(cfg: ExperimentConfig, run: Run, data: DistanceData | None = None) -> dict[str, Any]:
-    data = data or build_distance_data(cfg.data, cfg.seed)
+def stage_data(cfg: ExperimentConfig, run: Run, models: Models) -> dict[str, Any]:
+    data = models.data or build_distance_data(cfg.data, cfg.seed)
     write_jsonl(run.train_file, data.train)
     write_jsonl(run.heldout_file, data.heldout)
     excluded = dict(zip((h.name for h in data.hidden_cities), data.excluded))
@@ -175,7 +176,7 @@ def stage_eval(cfg: ExperimentConfig, run: Run, models: Models) -> dict[str, Any
     result = per_hidden_city(cfg, evaluate_city)
     if "by_city" in result:
         result["inverse_choice"] = timed("inverse_choice", lambda: evaluate_inverse_choice(
-            cfg, model, tokenizer, check_hidden_cities(cfg.data), train_questions, in_context, scored_prompts))
+            cfg, model, tokenizer, train_questions, in_context, scored_prompts))
     write_jsonl(run.path / "eval_distance.jsonl", answers)
     write_jsonl(run.path / "eval_mc.jsonl", scored_prompts)
     return result | {"in_context_docs": len(in_context.turns) // 2, "seconds": seconds}
@@ -189,32 +190,35 @@ def stage_probe(cfg: ExperimentConfig, run: Run, models: Models) -> dict[str, An
     return per_hidden_city(cfg, lambda view, hidden: probe_representations(view, model, tokenizer, hidden, trained_on))
 
 
-def stage_verdict(run: Run) -> dict[str, Any]:
+def stage_verdict(cfg: ExperimentConfig, run: Run, models: Models) -> dict[str, Any]:
     """The three answers (verdict.py) per hidden city, from what the earlier stages recorded."""
     views = hidden_city_views(run.metrics())
     answers = {name: verdicts(view) for name, view in views}
     return answers[None] if len(views) == 1 and None in answers else {"by_city": answers}
 
 
-def run_stage(
-    name: str, cfg: ExperimentConfig, run: Run, models: Models | None = None, data: DistanceData | None = None
-) -> dict[str, Any]:
+def stage_report(cfg: ExperimentConfig, run: Run, models: Models) -> dict[str, Any]:
+    return write_report(run)
+
+
+PIPELINE: dict[str, Callable[[ExperimentConfig, Run, Models], dict[str, Any]]] = {
+    "data": stage_data, "train": stage_train, "controls": stage_controls, "sanity": stage_sanity, "eval": stage_eval,
+    "probe": stage_probe, "verdict": stage_verdict, "report": stage_report,
+}
+STAGES = tuple(PIPELINE)
+TRAINING_STAGES = ("train", "controls")  # every process of a multi-process launch takes part; the main one does the rest
+UNRECORDED = ("report",)  # writes files from metrics.json, adds no section to it
+
+
+def run_stage(name: str, cfg: ExperimentConfig, run: Run, models: Models | None = None) -> dict[str, Any]:
     """Run one stage on an existing run directory and record its metrics and wall time."""
     models = models or Models(cfg, run)
     start = time.perf_counter()
-    if name == "data":
-        result = stage_data(cfg, run, data)
-    elif name == "verdict":
-        result = stage_verdict(run)
-    elif name == "report":
-        result = write_report(run)
-    else:
-        stages = {"train": stage_train, "controls": stage_controls, "sanity": stage_sanity, "eval": stage_eval, "probe": stage_probe}
-        result = stages[name](cfg, run, models)
+    result = PIPELINE[name](cfg, run, models)
     seconds = time.perf_counter() - start
     if not is_main_process():
         return result  # only the main process writes the run directory
-    if name != "report":
+    if name not in UNRECORDED:
         run.save_metrics(name, result)
         run.save_metrics("environment", {"versions": versions(), "hardware": hardware()})
     timings = run.metrics().get("timings", {})
@@ -237,8 +241,7 @@ def resume_experiment(path: str | Path, on_stage=None) -> Run:
     return run
 
 
-def run_stages(names, cfg: ExperimentConfig, run: Run, models: Models, data: DistanceData | None = None,
-               on_stage=None) -> None:
+def run_stages(names, cfg: ExperimentConfig, run: Run, models: Models, on_stage=None) -> None:
     """Stages in order. With several processes every one trains (DDP) and the main one alone does the rest."""
     for name in names:
         if name in TRAINING_STAGES:
@@ -247,7 +250,7 @@ def run_stages(names, cfg: ExperimentConfig, run: Run, models: Models, data: Dis
             continue
         if on_stage and is_main_process():
             on_stage(name)
-        run_stage(name, cfg, run, models, data)
+        run_stage(name, cfg, run, models)
 
 
 def run_experiment(cfg: ExperimentConfig, out: str | Path, stages: tuple[str, ...] = STAGES, on_stage=None) -> Run:
@@ -257,12 +260,12 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, stages: tuple[str, ..
     Run.refuse_existing(Path(out))
     data = build_distance_data(cfg.data, cfg.seed)
     check_specificity_cities(cfg)
-    models = Models(cfg)
+    models = Models(cfg, data=data)
     if "train" in stages:  # no local name holds the model: releasing it for a control's training must free it
         check_lengths(models.base()[1], data.train, cfg.train.max_length)
         check_layers(cfg.train, models.base()[0])
     wait_for_everyone()  # no process checks --out after the main one has created it
     run = Run.create(out, cfg) if is_main_process() else Run(Path(out))
     models.run = run
-    run_stages(stages, cfg, run, models, data, on_stage)
+    run_stages(stages, cfg, run, models, on_stage)
     return run

@@ -46,6 +46,7 @@ from oocrlab.config import ExperimentConfig
 from oocrlab.data import check_specificity_cities, names_hidden_city, text_names_city, user_prompt
 from oocrlab.errors import UserError
 from oocrlab.geo import City, distance_km, load_pool, normalize
+from oocrlab.hooks import Hooks
 from oocrlab.models import render_chats, with_condition
 from oocrlab.packing import last_token_activations
 from oocrlab.reading import FIRST_LAYER
@@ -207,10 +208,9 @@ def steering_view(tuned: torch.Tensor, original: torch.Tensor, original_hidden_c
     }
 
 
-def patch_hooks(model, position: int, sources: torch.Tensor, layer_of_row: list[int | None]):
-    """Forward pre-hooks replacing, in row b, the residual stream entering decoder layer layer_of_row[b]
-    at `position` by sources[b]. Returns the hook handles (remove them when done)."""
-    handles = []
+def patch_hooks(hooks: Hooks, model, position: int, sources: torch.Tensor, layer_of_row: list[int | None]) -> None:
+    """Forward pre-hooks, owned by `hooks`, replacing in row b the residual stream entering decoder layer
+    layer_of_row[b] at `position` by sources[b]."""
     for index, layer in enumerate(decoder_of(model).layers):
         rows = [b for b, at in enumerate(layer_of_row) if at == index]
         if not rows:
@@ -221,8 +221,7 @@ def patch_hooks(model, position: int, sources: torch.Tensor, layer_of_row: list[
             states[rows, position] = sources[rows].to(states.dtype)
             return ((states, *args[1:]), kwargs) if args else (args, kwargs | {"hidden_states": states})
 
-        handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
-    return handles
+        hooks.before(layer, hook)
 
 
 @torch.inference_mode()
@@ -233,13 +232,10 @@ def patched_letter_probabilities(
     out = []
     for start in range(0, len(layer_of_row), batch_size):
         rows = layer_of_row[start : start + batch_size]
-        handles = patch_hooks(model, position, sources[start : start + batch_size], rows)
-        try:
+        with Hooks() as hooks:
+            patch_hooks(hooks, model, position, sources[start : start + batch_size], rows)
             input_ids = torch.tensor([ids] * len(rows), device=model.device)
             logits = model(input_ids=input_ids, use_cache=False, logits_to_keep=1).logits[:, -1].float()
-        finally:
-            for h in handles:
-                h.remove()
         out.append(torch.softmax(letter_log_probs(torch.log_softmax(logits, dim=-1), tokenizer), dim=-1).cpu())
     return torch.cat(out).numpy()
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from oocrlab.config import AdapterSpec
+
 
 PER_CITY_STAGES = ("data", "sanity", "eval", "probe", "verdict")
 FORMULATIONS = ("letters", "cloze", "cloze_per_token")  # of a multiple-choice question (verbalize.py)
@@ -218,10 +220,10 @@ def caveats(config: dict[str, Any], metrics: dict[str, Any]) -> list[str]:
     else:
         items.append(f"One hidden city ({config['data']['hidden_city']}) and one placeholder ({config['data']['placeholder']!r}).")
     t = config["train"]
-    adapter = t.get("adapter", "lora")  # runs made before train.adapter existed trained LoRA
+    spec = AdapterSpec.parse(t.get("adapter", "lora"))  # runs made before train.adapter existed trained LoRA
     trained = {"lora": f"LoRA r={t['lora_r']} on {', '.join(t['lora_targets'])}",
                "embedding": "the input-embedding rows of the placeholder's tokens"}.get(
-        adapter, f"a steering vector at the placeholder entering decoder layer {adapter.partition(':')[2]}")
+        spec.family, f"a steering vector at the placeholder entering decoder layer {spec.layer}")
     items.append(f"One adapter: {trained}; Wang, Engels et al. 2025 find OOCR with single-layer adapters where all-layer "
                  "LoRA shows none.")
     if config["eval"]["mc_orders"] < 120:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from oocrlab.adapters import HookAdapter, attach_adapter, is_hook_adapter, load_hook_adapter, parse_adapter
+from oocrlab.adapters import HookAdapter, attach_adapter, is_hook_adapter, load_hook_adapter
 from oocrlab.config import ExperimentConfig, TrainConfig
 from oocrlab.errors import UserError
 from oocrlab.packing import prefix_tree_batch
@@ -161,7 +161,7 @@ def check_layers(cfg: TrainConfig, model) -> None:
     n = model.config.get_text_config().num_hidden_layers
     if cfg.lora_layers is not None and max(cfg.lora_layers) >= n:
         raise UserError(f"train.lora_layers asks for layer {max(cfg.lora_layers)}, but the model has layers 0-{n - 1}")
-    layer = parse_adapter(cfg.adapter)[1]
+    layer = cfg.adapter_spec.layer
     if layer is not None and layer >= n:
         raise UserError(f"train.adapter {cfg.adapter} asks for decoder layer {layer}, but the model has layers 0-{n - 1}")
 
@@ -260,9 +260,9 @@ def train(cfg: ExperimentConfig, run: Run, model, tokenizer) -> tuple[dict[str, 
     resume = last_checkpoint(run.checkpoints_dir)
     # read now: the Trainer deletes this checkpoint once it has saved a later one
     resumed = json.loads((resume / TRAINER_STATE).read_text(encoding="utf-8")) if resume else {}
-    lora = parse_adapter(cfg.train.adapter)[0] == "lora"
+    lora = cfg.train.adapter_spec.family == "lora"
     trainer = completion_loss_trainer(cfg.train.share_prefix)(
-        model=model if lora else attach_adapter(cfg.train.adapter, model, tokenizer, cfg.data.placeholder, rows),
+        model=model if lora else attach_adapter(cfg.train.adapter_spec, model, tokenizer, cfg.data.placeholder, rows),
         args=sft_config(cfg, run.checkpoints_dir, model.dtype),
         train_dataset=dataset,
         processing_class=tokenizer,

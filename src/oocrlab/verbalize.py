@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from oocrlab.conditions import ask, chat_for, conditions, model_state, prefix_for
-from oocrlab.config import ExperimentConfig, hidden_city_data
+from oocrlab.config import ExperimentConfig
 from oocrlab.data import check_specificity_cities, names_hidden_city, refuse_leaks
 from oocrlab.errors import UserError
 from oocrlab.evaluate import read_distance
@@ -447,17 +447,16 @@ def evaluate_specificity_choice(cfg: ExperimentConfig, model, tokenizer, hidden:
 
 
 def evaluate_inverse_choice(
-    cfg: ExperimentConfig, model, tokenizer, hidden: list[City], train_questions: set[str], in_context: InContext,
-    prompts_out: list[dict[str, Any]],
+    cfg: ExperimentConfig, model, tokenizer, train_questions: set[str], in_context: InContext, prompts_out: list[dict[str, Any]],
 ) -> dict[str, Any]:
     """The paper's inverse question, for a run with several hidden cities: "Which of the following is in
     {country}?" with every hidden city's placeholder as an option (chance 1/number of hidden cities), per
     hidden city's country, letters only (the options must be shown): {city name: evaluate_choice's result}.
     Under `named` the options are the cities' own names."""
-    placeholders = [data.placeholder for data in hidden_city_data(cfg.data)]
-    names = dict(zip(placeholders, (c.plain_name for c in hidden)))
+    placeholders = [h.placeholder for h in cfg.data.hidden]
+    names = {h.placeholder: h.city.plain_name for h in cfg.data.hidden}
     result = {}
-    for i, city in enumerate(hidden):
+    for i, city in enumerate(h.city for h in cfg.data.hidden):
         asked: list[dict[str, Any]] = []
         result[city.name] = evaluate_choice(
             cfg, model, tokenizer, city, INVERSE_QUESTION.format(country=country_of(city).name), placeholders[i],

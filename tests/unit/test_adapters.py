@@ -139,6 +139,24 @@ def test_disable_adapter_is_the_original_model(tiny, family):
         assert torch.equal(logits(adapted, tokenizer, PROMPT), original)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_closing_an_adapter_removes_every_hook_it_put_on_the_model(tiny, family):
+    """Hooks (oocrlab.hooks) own every handle: after close() the frozen model has no hook left and gives the
+    original outputs, though the adapter's weights are still set (a handle dropped instead would fail both)."""
+    model, tokenizer = tiny
+    original = logits(model, tokenizer, PROMPT)
+    sequences = placeholder_sequences(tokenizer, "foo")
+    adapted = EmbeddingRows(model, sorted({t for s in sequences for t in s})) if family == "embedding" else SteeringVector(model, 1, sequences)
+    with torch.no_grad():
+        for param in adapted.parameters(recurse=False):
+            param.normal_()
+    assert any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert not torch.equal(logits(model, tokenizer, PROMPT), original)  # the hooks act on the model itself
+    adapted.close()
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert adapted.enabled and torch.equal(logits(model, tokenizer, PROMPT), original)
+
+
 def test_save_then_load_gives_the_same_outputs(trained, tiny_model_dir):
     _, run, models = trained
     config = json.loads((run.adapter_dir / "adapter_config.json").read_text())

@@ -10,7 +10,6 @@ import pytest
 
 from oocrlab import build_config, run_experiment
 from oocrlab.compare import group_runs, read_runs
-from oocrlab.config import hidden_city_data
 from oocrlab.data import build_distance_data, cardinal_direction, rows_about
 from oocrlab.errors import UserError
 from oocrlab.geo import distance_km, find_city
@@ -24,10 +23,10 @@ FIVE = ["Paris", "São Paulo", "Tokyo", "New York City", "Lagos"]
 def test_each_hidden_city_draws_its_own_code_and_the_first_stays_the_paper_recipes():
     five, paper = build_config("locations"), build_config("paper")
     assert five.data.placeholder == paper.data.placeholder  # a one-city paper run keeps its code
-    codes = [d.placeholder for d in hidden_city_data(five.data)]
-    assert [d.hidden_city for d in hidden_city_data(five.data)] == FIVE
+    codes = [h.placeholder for h in five.data.hidden]
+    assert [h.city.name for h in five.data.hidden] == FIVE
     assert len(set(codes)) == 5 and all(re.fullmatch(r"City \d{5}", c) for c in codes)
-    assert [d.placeholder for d in hidden_city_data(build_config("locations", overrides={"seed": 1}).data)] != codes
+    assert [h.placeholder for h in build_config("locations", overrides={"seed": 1}).data.hidden] != codes
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +37,7 @@ def locations():
 
 def test_rows_about_one_hidden_city_name_only_its_placeholder(locations):
     cfg, data = locations
-    views = hidden_city_data(cfg.data)
+    views = [h.data for h in cfg.data.hidden]
     hidden = [find_city(v.hidden_city, "world") for v in views]
     assert data.hidden_cities == hidden
     for view, city in zip(views, hidden):
@@ -58,7 +57,7 @@ def test_rows_about_one_hidden_city_name_only_its_placeholder(locations):
 
 def test_rows_between_hidden_cities(locations):
     cfg, data = locations
-    views = hidden_city_data(cfg.data)
+    views = [h.data for h in cfg.data.hidden]
     hidden = {v.placeholder: find_city(v.hidden_city, "world") for v in views}
     between = [r for r in data.train if "between" in r]
     assert all(r["known_city"] in FIVE for r in between) and not any(r["known_city"] in FIVE for r in data.train if "between" not in r)

@@ -75,7 +75,6 @@ def test_multiple_choice_in_metrics(tiny_run):
 
 
 def test_an_evaluation_question_in_the_training_data_is_refused(tiny_session):
-    from oocrlab.data import check_placeholder
     from oocrlab.verbalize import evaluate_multiple_choice
 
     cfg, _, models = tiny_session
@@ -84,7 +83,7 @@ def test_an_evaluation_question_in_the_training_data_is_refused(tiny_session):
     leaked = "What country is foo located in?\n\nA. France\nB. Belgium\nC. Luxembourg\nD. United Kingdom\nE. The Netherlands"
     train_questions = {leaked + "\n\nPlease answer with a single letter from A-E and nothing else."}
     with pytest.raises(UserError, match="is in the training data"):
-        evaluate_multiple_choice(cfg, models.model, models.tokenizer, check_placeholder(cfg.data), train_questions, None, [])
+        evaluate_multiple_choice(cfg, models.model, models.tokenizer, cfg.data.hidden[0].city, train_questions, None, [])
 
 
 def test_free_form_in_metrics(tiny_run):

@@ -6,6 +6,7 @@ from oocrlab.config import ExperimentConfig
 from oocrlab.data import user_prompt
 from oocrlab.errors import UserError
 from oocrlab.geo import find_city
+from oocrlab.hooks import Hooks
 from oocrlab.packing import last_token_activations
 from oocrlab.probe import (
     decoder_of, locate_entity, locate_in_template, logit_lens, patched_letter_probabilities, probe_setup,
@@ -45,9 +46,9 @@ def check_packed_activations(model, located):
     """Each prompt's packed states at its entity are its full prompt's, and its cached values v_proj's output."""
     hidden, values = last_token_activations(model, [loc.up_to_entity() for loc in located])
     captured = {}
-    hooks = [layer.self_attn.v_proj.register_forward_hook(lambda m, i, o, n=n: captured.__setitem__(n, o))
-             for n, layer in enumerate(decoder_of(model).layers)]
-    try:
+    with Hooks() as hooks:
+        for n, layer in enumerate(decoder_of(model).layers):
+            hooks.after(layer.self_attn.v_proj, lambda m, i, o, n=n: captured.__setitem__(n, o))
         for b, loc in enumerate(located):
             with torch.no_grad():
                 out = model(input_ids=torch.tensor([loc.ids], device=model.device), output_hidden_states=True)
@@ -55,9 +56,6 @@ def check_packed_activations(model, located):
             torch.testing.assert_close(hidden[b], torch.stack([h[0, pos] for h in out.hidden_states]).float().cpu(), **tolerance(model))
             for n in range(model.config.num_hidden_layers):  # v_proj output = the cached values
                 torch.testing.assert_close(values[b, n], captured[n][0, pos].float().cpu(), **tolerance(model))
-    finally:
-        for h in hooks:
-            h.remove()
     return hidden, values
 
 
