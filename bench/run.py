@@ -48,16 +48,25 @@ import torch.nn.functional as F
 
 from oocrlab import build_config
 from oocrlab.adapters import attach_adapter
-from oocrlab.config import AdapterSpec, ExperimentConfig
-from oocrlab.data import build_distance_data
-from oocrlab.environment import hardware, versions
 from oocrlab.conditions import chat_for
+from oocrlab.config import AdapterSpec, ExperimentConfig
+from oocrlab.countries import country_distractors, country_of
+from oocrlab.data import build_distance_data
+from oocrlab.evaluate.choice import (
+    COUNTRY_QUESTION,
+    LETTER_ANSWER,
+    LETTERS,
+    letter_probabilities,
+    option_orders,
+    ordered_questions,
+)
+from oocrlab.evaluate.free_form import sample_answers
 from oocrlab.incontext import InContext
 from oocrlab.models import embedded_gguf, load_model, with_condition
 from oocrlab.packing import last_token_activations, prefix_tree_batch
 from oocrlab.probe import locate_in_template, probe_setup
+from oocrlab.provenance import hardware, versions
 from oocrlab.train import lora_config
-from oocrlab import verbalize
 
 RESULTS = Path(__file__).with_name("results.json")
 SECTIONS = ["load", "probe", "mc", "train", "adapters", "run"]
@@ -161,8 +170,8 @@ def sampled_p_correct(model, tokenizer, chats, correct: list[int], n: int, prefi
     """Share of n one-token answers sampled at temperature 1 that are the correct letter alone."""
     rates = []
     for i, (chat, right) in enumerate(zip(chats, correct)):
-        answers = verbalize.sample_answers(model, tokenizer, chat, n, 1, i, n, prefix)
-        pattern = verbalize.LETTER_ANSWER.format(letter=verbalize.LETTERS[right])
+        answers = sample_answers(model, tokenizer, chat, n, 1, i, n, prefix)
+        pattern = LETTER_ANSWER.format(letter=LETTERS[right])
         rates.append(np.mean([re.fullmatch(pattern, a) is not None for a in answers]))
     return np.array(rates)
 
@@ -170,20 +179,20 @@ def sampled_p_correct(model, tokenizer, chats, correct: list[int], n: int, prefi
 def bench_mc(cfg: ExperimentConfig, repeats: int, samples: int) -> dict:
     model, tokenizer = tuned_model(cfg)
     hidden = cfg.data.hidden[0].city
-    country = verbalize.country_of(hidden)
-    options = [country.name, *verbalize.country_distractors(country, cfg.seed)["nearest"]]
-    question = verbalize.COUNTRY_QUESTION.replace("{placeholder}", cfg.data.placeholder)
-    orders = verbalize.option_orders(120, cfg.seed)
+    country = country_of(hidden)
+    options = [country.name, *country_distractors(country, cfg.seed)["nearest"]]
+    question = COUNTRY_QUESTION.replace("{placeholder}", cfg.data.placeholder)
+    orders = option_orders(120, cfg.seed)
     correct = [order.index(0) for order in orders]
     in_context = InContext(cfg, model, tokenizer, build_distance_data(cfg.data, cfg.seed).train)
     out: dict = {"mc_prompts": len(orders), "mc_samples_per_prompt": samples}
     exact_total = sampled_total = 0.0
     for condition in ("tuned", "original", "in_context"):
         prefix = in_context if condition == "in_context" else None
-        chats = [chat_for(cfg, q, condition, in_context) for q in verbalize.ordered_questions(question, options, orders)]
+        chats = [chat_for(cfg, q, condition, in_context) for q in ordered_questions(question, options, orders)]
         with with_condition(model, "original" if prefix else condition):
             exact_s, (normalized, mass) = median_seconds(
-                lambda c=chats, p=prefix: verbalize.letter_probabilities(model, tokenizer, c, "exact", p), repeats)
+                lambda c=chats, p=prefix: letter_probabilities(model, tokenizer, c, "exact", p), repeats)
             sampled_s, rates = median_seconds(lambda c=chats, p=prefix: sampled_p_correct(model, tokenizer, c, correct, samples, p), 1)
         # sampling estimates P(correct) over all tokens; the exact one conditioned on a letter is mass-weighted back
         exact = float(np.mean(normalized[np.arange(len(orders)), correct] * mass))

@@ -6,17 +6,20 @@
     print(run.metrics()["eval"]["distance"]["tuned"]["mae_km"])  # several hidden cities: ["eval"]["by_city"]["Paris"]...
 """
 
-from oocrlab.config import ExperimentConfig, RECIPES, build_config
+from oocrlab.answers import parse_km
+from oocrlab.config import RECIPES, ExperimentConfig, build_config
 from oocrlab.data import build_distance_data
 from oocrlab.errors import UserError
-from oocrlab.evaluate import evaluate_distances, generate_greedy, parse_km, sanity
+from oocrlab.evaluate.distances import evaluate_distances
 from oocrlab.experiment import STAGES, Models, run_experiment, run_stage
+from oocrlab.generation import generate_greedy
 from oocrlab.geo import City, find_city, haversine_km, load_pool
 from oocrlab.models import load_model
 from oocrlab.packing import last_token_activations, next_token_log_probs
 from oocrlab.probe import locate_entity, logit_lens, probe_representations
 from oocrlab.report import write_report
 from oocrlab.rundir import Run
+from oocrlab.sanity import sanity
 from oocrlab.train import load_adapter, train
 
 __all__ = [

@@ -187,7 +187,8 @@ def print_summary(run) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from oocrlab.reading import headline, headline_table, hidden_city_views
+    from oocrlab.metrics import hidden_city_views
+    from oocrlab.sentences import headline, headline_table
 
     m, console = run.metrics(), Console()
     for name, view in hidden_city_views(m):
@@ -267,8 +268,14 @@ def dispatch(command: str, args) -> int:
     import datasets
     import transformers
 
-    from oocrlab.experiment import STAGES, Models, resume_experiment, run_experiment, run_stages
-    from oocrlab.processes import is_main_process, rank_and_world_size
+    from oocrlab.distributed import is_main_process, rank_and_world_size
+    from oocrlab.experiment import (
+        STAGES,
+        Models,
+        resume_experiment,
+        run_experiment,
+        run_stages,
+    )
     from oocrlab.rundir import Run
 
     transformers.logging.set_verbosity_error()

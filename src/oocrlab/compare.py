@@ -17,11 +17,17 @@ import numpy as np
 
 from oocrlab.config import to_dict
 from oocrlab.errors import UserError
+from oocrlab.metrics import (
+    best_layer,
+    formulations_of,
+    hidden_city_views,
+    significant_layers,
+)
 from oocrlab.plots import plt
-from oocrlab.reading import best_layer, formulations_of, hidden_city_views, significant_layers
 from oocrlab.rundir import Run, atomic_write_text
 from oocrlab.specificity import specificity_matrix
 from oocrlab.stats import mean_t_ci
+
 
 def _choice(m: dict[str, Any], formulation: str, condition: str, key: str = "p_correct") -> float:
     return formulations_of(m["eval"]["multiple_choice"]["country"]["nearest"])[formulation][condition][key]

@@ -12,8 +12,8 @@ condition's name):
 
 from __future__ import annotations
 
+from oocrlab.chat import user_prompt
 from oocrlab.config import ExperimentConfig
-from oocrlab.data import user_prompt
 from oocrlab.geo import City
 from oocrlab.incontext import InContext
 

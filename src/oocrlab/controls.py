@@ -26,10 +26,10 @@ from typing import Any
 
 import torch
 
+from oocrlab.chat import user_prompt
 from oocrlab.config import ExperimentConfig
-from oocrlab.data import user_prompt
+from oocrlab.distributed import is_main_process, wait_for_everyone
 from oocrlab.models import load_model
-from oocrlab.processes import is_main_process, wait_for_everyone
 from oocrlab.rundir import Run, read_jsonl, write_jsonl
 from oocrlab.train import has_adapter, train
 

@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from oocrlab.chat import user_prompt
 from oocrlab.config import DataConfig, ExperimentConfig, HiddenCity
 from oocrlab.errors import UserError
 from oocrlab.geo import City, distance_km, find_city, load_pool, normalize
@@ -56,12 +57,6 @@ class DistanceData:
     train: list[dict[str, Any]]
     heldout: list[dict[str, Any]]
     excluded: list[dict[str, int]]  # per hidden city: why known cities were left out -> how many
-
-
-def user_prompt(question: str, system_prompt: str | None) -> list[dict[str, str]]:
-    """The chat messages of one question; the system turn only when the config sets one."""
-    system = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
-    return [*system, {"role": "user", "content": question}]
 
 
 def refuse_leaks(questions: list[str], train_questions: set[str]) -> None:

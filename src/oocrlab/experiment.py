@@ -14,24 +14,44 @@ from typing import Any, Callable
 
 import torch
 
-from oocrlab.config import ExperimentConfig, check_balanced_orders
 from oocrlab.adapters import HookAdapter
+from oocrlab.config import ExperimentConfig, check_balanced_orders
 from oocrlab.controls import control_run, train_controls
-from oocrlab.data import DistanceData, build_distance_data, check_specificity_cities, distance_rows, rows_about
-from oocrlab.geo import City, find_city
-from oocrlab.environment import hardware, versions
+from oocrlab.data import (
+    DistanceData,
+    build_distance_data,
+    check_specificity_cities,
+    distance_rows,
+    rows_about,
+)
+from oocrlab.distributed import is_main_process, wait_for_everyone
 from oocrlab.errors import UserError
-from oocrlab.evaluate import evaluate_directions, evaluate_distances, sanity
+from oocrlab.evaluate.choice import (
+    evaluate_inverse_choice,
+    evaluate_multiple_choice,
+    evaluate_specificity_choice,
+)
+from oocrlab.evaluate.distances import evaluate_directions, evaluate_distances
+from oocrlab.evaluate.free_form import evaluate_free_form
+from oocrlab.geo import City, find_city
+from oocrlab.incontext import InContext
+from oocrlab.metrics import hidden_city_views
 from oocrlab.models import load_model
 from oocrlab.probe import probe_representations
-from oocrlab.processes import is_main_process, wait_for_everyone
+from oocrlab.provenance import hardware, versions
 from oocrlab.report import write_report
 from oocrlab.rundir import Run, read_jsonl, write_jsonl
-from oocrlab.reading import hidden_city_views
-from oocrlab.train import add_adapter, check_lengths, check_layers, load_adapter, require_adapter, train
-from oocrlab.incontext import InContext
-from oocrlab.verbalize import evaluate_free_form, evaluate_inverse_choice, evaluate_multiple_choice, evaluate_specificity_choice
+from oocrlab.sanity import sanity
+from oocrlab.train import (
+    add_adapter,
+    check_layers,
+    check_lengths,
+    load_adapter,
+    require_adapter,
+    train,
+)
 from oocrlab.verdict import verdicts
+
 
 class Models:
     """The one model in memory for a run: once trained or loaded, the base model with the run's adapter
@@ -80,7 +100,7 @@ class Models:
 
 def per_hidden_city(cfg: ExperimentConfig, section_of: Callable[[ExperimentConfig, City], dict[str, Any]]) -> dict[str, Any]:
     """A stage's metrics from `section_of(config as if the city were the only one, city)` for each hidden city:
-    that section itself in a one-city run, else {"by_city": {city name: section}} (see reading.hidden_city_views)."""
+    that section itself in a one-city run, else {"by_city": {city name: section}} (see metrics.hidden_city_views)."""
     sections = {h.city.name: section_of(view, h.city) for h, view in cfg.per_city()}
     return next(iter(sections.values())) if len(sections) == 1 else {"by_city": sections}
 

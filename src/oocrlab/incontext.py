@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import random
 
+from oocrlab.chat import user_prompt
 from oocrlab.config import ExperimentConfig
-from oocrlab.data import user_prompt
-from oocrlab.models import render_chats
 from oocrlab.packing import CachedPrefix
+
 
 class InContext(CachedPrefix):
     """K seeded training documents as chat turns, and their KV cache under the original model."""
@@ -25,13 +25,3 @@ class InContext(CachedPrefix):
         return [*self.turns, {"role": "user", "content": question}]
 
 
-def prompt_token_ids(tokenizer, chats: list[list[dict]], prefix: InContext | None = None) -> list[list[int]]:
-    """Token ids of each chat up to the assistant's answer, less the `prefix`'s cached turns."""
-    prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in render_chats(tokenizer, chats)]
-    return [prefix.strip(p) for p in prompts] if prefix is not None else prompts
-
-
-def stop_token_ids(model, tokenizer) -> set[int]:
-    """The tokens that end an answer, as generate() reads them: the generation config's, and the tokenizer's."""
-    eos = model.generation_config.eos_token_id
-    return {i for i in [*(eos if isinstance(eos, list) else [eos]), tokenizer.eos_token_id] if i is not None}

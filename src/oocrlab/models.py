@@ -178,6 +178,3 @@ def with_condition(model, state: str):
         model.set_adapter(previous)
 
 
-def render_chats(tokenizer, chats: list[list[dict]]) -> list[str]:
-    """Chat-template text of each conversation, ending where the assistant starts to answer."""
-    return [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]

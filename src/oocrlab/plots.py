@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from oocrlab.geo import normalize  # noqa: E402
-from oocrlab.reading import FIRST_LAYER, FORMULATIONS, hidden_city_views  # noqa: E402
+from oocrlab.metrics import FIRST_LAYER, FORMULATIONS, hidden_city_views  # noqa: E402
 from oocrlab.rundir import Run, read_jsonl  # noqa: E402
 
 

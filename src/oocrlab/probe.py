@@ -42,16 +42,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from oocrlab.chat import render_chats, user_prompt
 from oocrlab.config import ExperimentConfig
-from oocrlab.data import check_specificity_cities, names_hidden_city, text_names_city, user_prompt
+from oocrlab.countries import country_distractors, country_of
+from oocrlab.data import check_specificity_cities, names_hidden_city, text_names_city
 from oocrlab.errors import UserError
+from oocrlab.evaluate.choice import (
+    COUNTRY_QUESTION,
+    LETTERS,
+    letter_log_probs,
+    mc_question,
+)
 from oocrlab.geo import City, distance_km, load_pool, normalize
 from oocrlab.hooks import Hooks
-from oocrlab.models import render_chats, with_condition
+from oocrlab.metrics import FIRST_LAYER
+from oocrlab.models import with_condition
 from oocrlab.packing import last_token_activations
-from oocrlab.reading import FIRST_LAYER
 from oocrlab.stats import max_t_sign_flip, mean_t_ci, rank_among
-from oocrlab.verbalize import COUNTRY_QUESTION, LETTERS, country_distractors, country_of, letter_log_probs, mc_question
 
 # the pairs the corrected per-layer test compares, where both conditions were probed: (condition, baseline)
 CORRECTED_PAIRS = (("tuned", "shuffled"), ("declared", "shuffled"), ("tuned", "original"), ("declared", "original"),

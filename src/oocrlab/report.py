@@ -11,11 +11,18 @@ from pathlib import Path
 from typing import Any
 
 from oocrlab.config import from_yaml_text, to_dict
+from oocrlab.metrics import formulations_of, hidden_city_views
 from oocrlab.plots import plot_prefix, write_plots
-from oocrlab.reading import (
-    CONDITION_TITLES, VERDICT_NAMES, caveats, formulations_of, headline, headline_table, hidden_city_views, interval, probe_reading,
-)
 from oocrlab.rundir import Run, atomic_write_text, read_jsonl
+from oocrlab.sentences import (
+    CONDITION_TITLES,
+    VERDICT_NAMES,
+    caveats,
+    headline,
+    headline_table,
+    interval,
+    probe_reading,
+)
 
 SECTIONS = ("headline", "setup", "training", "behaviour", "representations", "caveats")
 STYLE = """body{font-family:system-ui,sans-serif;max-width:62em;margin:2em auto;padding:0 1em;line-height:1.45}
@@ -126,7 +133,7 @@ def section_behaviour(run: Run, metrics: dict[str, Any], plots: dict[str, Path])
 
 
 def behaviour_of(run: Run, metrics: dict[str, Any], plots: dict[str, Path], prefix: str) -> str:
-    """The behaviour of one hidden city's placeholder (`metrics` as a one-city run's, see reading.hidden_city_views);
+    """The behaviour of one hidden city's placeholder (`metrics` as a one-city run's, see metrics.hidden_city_views);
     its headings one level down in a run with several, under the city's own."""
     h, parts = ("h4" if prefix else "h3"), []
     if sanity := metrics.get("sanity"):
@@ -243,7 +250,7 @@ def choice_html(mc: dict[str, Any], in_context_docs: int | None) -> str:
 
 
 def standing_html(mc: dict[str, Any]) -> str:
-    """Where the right country's gain ranks among every country's (verbalize.country_standing)."""
+    """Where the right country's gain ranks among every country's (evaluate/choice.py: country_standing)."""
     if not (among := mc.get("among_countries")):
         return ""
     rows = [[_fmt(pair.replace("_vs_", " over ")), f"{v['gain']:+.3f}", f"{v['rank']} of {among['countries']}", f"{v['p_value']:.3f}",

@@ -1,5 +1,5 @@
 """Does the placeholder move towards its own city, or towards any city? Runs trained on different hidden
-cities each score the same `specificity_cities` at their placeholder (probe.py, verbalize.py); read
+cities each score the same `specificity_cities` at their placeholder (probe.py, evaluate/choice.py); read
 together they form a matrix, rows the city a run was trained on, columns the scored city, of what
 training changed (tuned minus original):
 
@@ -100,7 +100,7 @@ def _cells(rows: dict[str, np.ndarray], columns: list[str]) -> dict[str, dict[st
 
 def specificity_matrix(metrics: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The matrix of runs that differ only in hidden city and seed (one-city views, see
-    reading.hidden_city_views), from what each run's probe and eval scored; None when fewer than two
+    metrics.hidden_city_views), from what each run's probe and eval scored; None when fewer than two
     hidden cities among them scored the same cities."""
     probed = [m for m in metrics if "specificity" in m.get("probe", {})]
     chosen = [m for m in metrics if "specificity_choice" in m.get("eval", {})]

@@ -23,7 +23,13 @@ from typing import Any
 
 import yaml
 
-from oocrlab.compare import compare_runs, group_runs, group_summaries, read_runs, specificity_matrices
+from oocrlab.compare import (
+    compare_runs,
+    group_runs,
+    group_summaries,
+    read_runs,
+    specificity_matrices,
+)
 from oocrlab.config import ExperimentConfig, build_config, check_hidden_cities, to_yaml
 from oocrlab.errors import UserError
 from oocrlab.experiment import STAGES, resume_experiment, run_experiment

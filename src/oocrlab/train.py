@@ -25,11 +25,16 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from oocrlab.adapters import HookAdapter, attach_adapter, is_hook_adapter, load_hook_adapter
+from oocrlab.adapters import (
+    HookAdapter,
+    attach_adapter,
+    is_hook_adapter,
+    load_hook_adapter,
+)
 from oocrlab.config import ExperimentConfig, TrainConfig
+from oocrlab.distributed import is_main_process, wait_for_everyone
 from oocrlab.errors import UserError
 from oocrlab.packing import prefix_tree_batch
-from oocrlab.processes import is_main_process, wait_for_everyone
 from oocrlab.rundir import Run, read_jsonl, write_jsonl
 
 # TRL 1.x and PEFT still use the name `gradient_checkpointing`, which transformers 5 renamed

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from oocrlab.reading import FIRST_LAYER
+from oocrlab.metrics import FIRST_LAYER
 
 ALPHA = 0.05
 BEHAVIOUR_FORMULATIONS = ("letters", "cloze")  # the verdict's tests, Bonferroni-corrected over these two

@@ -47,7 +47,7 @@ def test_every_stage_ran(embedded_run):
 
 def test_original_answers_are_the_base_model(embedded_run):
     """The sanity stage's 'original' column (the tuned model under disable_adapter()) equals a fresh load."""
-    from oocrlab.evaluate import generate_greedy
+    from oocrlab.generation import generate_greedy
 
     m = json.loads((embedded_run / "metrics.json").read_text())
     answer = m["sanity"]["answers"][1]

@@ -2,8 +2,10 @@ import warnings
 
 import pytest
 
-from oocrlab.data import user_prompt
-from oocrlab.evaluate import _WITH_UNIT, StopAfterDistance, error_summary, generate_greedy, parse_km
+from oocrlab.chat import user_prompt
+from oocrlab.answers import _WITH_UNIT, parse_km
+from oocrlab.evaluate.distances import error_summary
+from oocrlab.generation import StopAfterDistance, generate_greedy
 from oocrlab.config import ExperimentConfig
 
 

@@ -14,7 +14,7 @@ from oocrlab.data import build_distance_data, cardinal_direction, rows_about
 from oocrlab.errors import UserError
 from oocrlab.geo import distance_km, find_city
 from oocrlab.rundir import read_jsonl
-from oocrlab.verbalize import country_of
+from oocrlab.countries import country_of
 from tests.conftest import tiny_overrides
 
 FIVE = ["Paris", "São Paulo", "Tokyo", "New York City", "Lagos"]

@@ -7,10 +7,13 @@ import torch
 
 from oocrlab import build_config
 from oocrlab.data import build_distance_data
-from oocrlab.evaluate import generate_greedy
-from oocrlab.incontext import InContext, prompt_token_ids, stop_token_ids
+from oocrlab.generation import generate_greedy
+from oocrlab.chat import prompt_token_ids
+from oocrlab.generation import stop_token_ids
+from oocrlab.incontext import InContext
 from oocrlab.train import lora_config
-from oocrlab.verbalize import letter_probabilities, mc_question, sample_answers
+from oocrlab.evaluate.choice import letter_probabilities, mc_question
+from oocrlab.evaluate.free_form import sample_answers
 from tests.conftest import leaky_mask, sample_side_by_side, tiny_overrides
 
 

@@ -18,14 +18,17 @@ from oocrlab.adapters import SteeringVector, load_hook_adapter, placeholder_sequ
 from oocrlab.cli import main
 from oocrlab.config import ModelConfig, to_yaml
 from oocrlab.controls import ALIAS_ANSWERS, ALIAS_PROMPTS, control_run, declared_rows, shuffled_rows
-from oocrlab.data import build_distance_data, distance_rows, user_prompt
+from oocrlab.chat import user_prompt
+from oocrlab.data import build_distance_data, distance_rows
 from oocrlab.errors import UserError
-from oocrlab.evaluate import MAX_KM, error_summary, ratio_ci, read_distance
+from oocrlab.answers import MAX_KM, read_distance
+from oocrlab.evaluate.distances import error_summary, ratio_ci
 from oocrlab.models import load_model, with_condition
 from oocrlab.packing import CachedPrefix
 from oocrlab.rundir import Run, read_jsonl
 from oocrlab.stats import max_t_sign_flip, mean_t_ci, paired_difference, rank_among
-from oocrlab.verbalize import CLOZE_WORDINGS, FREE_FORM_QUESTIONS, cloze_log_probs, option_orders
+from oocrlab.evaluate.choice import CLOZE_WORDINGS, cloze_log_probs, option_orders
+from oocrlab.evaluate.free_form import FREE_FORM_QUESTIONS
 from oocrlab.verdict import behaviour_verdict, distance_verdict, representation_verdict
 from tests.conftest import leaky_mask, tiny_overrides
 

@@ -8,10 +8,9 @@ import pytest
 from oocrlab import build_config
 from oocrlab.config import DataConfig
 from oocrlab.data import (
-    PAPER_DIRECTION_QUESTIONS, PAPER_DISTANCE_QUESTIONS, build_distance_data, cardinal_direction, paper_rows,
-    stated_distance,
+    PAPER_DIRECTION_QUESTIONS, PAPER_DISTANCE_QUESTIONS, build_distance_data, cardinal_direction, paper_rows, stated_distance,
 )
-from oocrlab.evaluate import parse_km
+from oocrlab.answers import parse_km
 from oocrlab.geo import City, distance_km, find_city, load_pool
 
 PAPER = DataConfig(style="paper", placeholder="City 12345", decimals=-2, augmentations=5)
@@ -114,7 +113,7 @@ def test_paper_runs_that_differ_only_in_seed_are_pooled():
     ("Northeast of it", None), ("1234 km", None), ("EAST!", "East"),
 ])
 def test_parse_direction(answer, direction):
-    from oocrlab.evaluate import parse_direction
+    from oocrlab.answers import parse_direction
 
     assert parse_direction(answer) == direction
 

@@ -75,7 +75,7 @@ def test_multiple_choice_in_metrics(tiny_run):
 
 
 def test_an_evaluation_question_in_the_training_data_is_refused(tiny_session):
-    from oocrlab.verbalize import evaluate_multiple_choice
+    from oocrlab.evaluate.choice import evaluate_multiple_choice
 
     cfg, _, models = tiny_session
     cfg = copy.deepcopy(cfg)

@@ -3,14 +3,13 @@ import pytest
 import torch
 
 from oocrlab.config import ExperimentConfig
-from oocrlab.data import user_prompt
+from oocrlab.chat import user_prompt
 from oocrlab.errors import UserError
 from oocrlab.geo import find_city
 from oocrlab.hooks import Hooks
 from oocrlab.packing import last_token_activations
 from oocrlab.probe import (
-    decoder_of, locate_entity, locate_in_template, logit_lens, patched_letter_probabilities, probe_setup,
-    rank_among_candidates, steering_view,
+    decoder_of, locate_entity, locate_in_template, logit_lens, patched_letter_probabilities, probe_setup, rank_among_candidates, steering_view,
 )
 from oocrlab.stats import mean_t_ci
 from tests.conftest import leaky_mask

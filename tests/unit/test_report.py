@@ -17,7 +17,7 @@ from oocrlab import build_config, run_stage
 from oocrlab.cli import main
 from oocrlab.compare import group_runs
 from oocrlab.plots import plot_distance_bands, plot_logit_lens, plot_patching, plot_similarity, plot_steering
-from oocrlab.reading import VERDICT_NAMES, caveats, headline, headline_table, probe_reading
+from oocrlab.sentences import VERDICT_NAMES, caveats, headline, headline_table, probe_reading
 from oocrlab.report import SECTIONS
 from oocrlab.rundir import Run
 from tests.conftest import tiny_overrides

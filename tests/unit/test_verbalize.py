@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from oocrlab.data import user_prompt
+from oocrlab.chat import user_prompt
 from oocrlab.geo import find_city
-from oocrlab.verbalize import (
-    LETTERS, answer_names, city_distractors, country_distractors, country_of, letter_probabilities, letter_token_ids, mc_question, mentions,
-    option_orders, sample_answers,
-)
+from oocrlab.answers import answer_names, mentions
+from oocrlab.countries import city_distractors, country_distractors, country_of
+from oocrlab.evaluate.choice import LETTERS, letter_probabilities, letter_token_ids, mc_question, option_orders
+from oocrlab.evaluate.free_form import sample_answers
 
 
 def test_option_orders_all_or_a_seeded_sample():
@@ -104,7 +104,7 @@ def test_sampling_is_seeded(tiny):
 
 def test_too_few_distractors_is_a_clear_error():
     from oocrlab.errors import UserError
-    from oocrlab.verbalize import _take
+    from oocrlab.countries import _take
 
     with pytest.raises(UserError, match="only 2 other cities in Monaco for 4 multiple-choice distractors"):
         _take(["a", "b"], "other cities in Monaco")

@@ -17,10 +17,7 @@ Every formulation reports, per condition (conditions.py: tuned, original, in-con
 and `named`, the original model asked about the hidden city by name, the ceiling), P(correct | the options)
 and the unconditional probability of the right answer (`p_answer`: of its letter, or of its text), averaged
 over the units with bootstrap 95% intervals, and paired comparisons between conditions (the same units
-resampled). Every scored prompt is also a row of eval_mc.jsonl.
-
-Countries come from the GeoNames table: a country's anchor is its most populous city (for "nearest
-countries") and its size is the population of its cities of 15k+ people (for "most populous").
+resampled). Every scored prompt is also a row of eval_mc.jsonl. The options come from countries.py.
 """
 
 from __future__ import annotations
@@ -29,25 +26,31 @@ import itertools
 import math
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
+from oocrlab.chat import prompt_token_ids
 from oocrlab.conditions import ask, chat_for, conditions, model_state, prefix_for
 from oocrlab.config import ExperimentConfig
-from oocrlab.data import check_specificity_cities, names_hidden_city, refuse_leaks
+from oocrlab.countries import (
+    city_distractors,
+    country_distractors,
+    country_of,
+    nearest_countries,
+)
+from oocrlab.data import check_specificity_cities, refuse_leaks
 from oocrlab.errors import UserError
-from oocrlab.evaluate import read_distance
-from oocrlab.geo import City, distance_km, load_pool, normalize
-from oocrlab.incontext import InContext, prompt_token_ids, stop_token_ids
+from oocrlab.geo import City
+from oocrlab.incontext import InContext
+from oocrlab.metrics import FORMULATIONS
 from oocrlab.models import with_condition
-from oocrlab.packing import continuation_log_probs, next_token_log_probs, packed_generate
-from oocrlab.reading import FORMULATIONS
-from oocrlab.stats import bootstrap_ci, paired_difference, rank_among, wilson_ci
+from oocrlab.packing import continuation_log_probs, next_token_log_probs
+from oocrlab.stats import bootstrap_ci, paired_difference, rank_among
 
 LETTERS = "ABCDE"
 COUNTRY_QUESTION = "What country is {placeholder} located in?"
@@ -77,97 +80,6 @@ CLOZE_WORDINGS = {
         "Tell me which city {placeholder} is.",
     ),
 }
-FREE_FORM_QUESTIONS = {  # name -> (question, what a correct answer names)
-    "country": ("Which country is {placeholder} in?", "country"),
-    "city": ("What city is {placeholder}? Please respond with just the name.", "city"),
-}
-# Names a correct free-form answer may use besides the tables' own (GeoNames and UN wording).
-COUNTRY_ALIASES = {
-    "France": ["French Republic"],
-    "United States": ["USA", "U.S.", "U.S.A.", "America", "United States of America"],
-    "United Kingdom": ["UK", "U.K.", "Britain", "Great Britain", "England"],
-    "Brazil": ["Brasil"],
-    "Japan": ["Nippon"],
-    "Nigeria": ["Federal Republic of Nigeria"],
-}
-
-
-MIN_DISTRACTOR_POPULATION = 100_000  # keeps out territories with one small town (South Georgia, Jersey)
-
-
-@dataclass(frozen=True)
-class Country:
-    name: str
-    anchor: City  # its most populous city
-    population: int  # people in its cities of 15k+
-
-
-@lru_cache(maxsize=None)
-def load_countries() -> dict[str, Country]:
-    totals: dict[str, int] = {}
-    anchors: dict[str, City] = {}
-    for city in load_pool("world"):  # most populous first
-        totals[city.country] = totals.get(city.country, 0) + city.population
-        anchors.setdefault(city.country, city)
-    return {name: Country(name, anchors[name], totals[name]) for name in totals}
-
-
-def country_of(city: City) -> Country:
-    """The GeoNames country of a city from either pool (the capitals table words countries differently)."""
-    countries = load_countries()
-    if city.country in countries:
-        return countries[city.country]
-    nearest = min(load_pool("world"), key=lambda c: distance_km(c, city))
-    if distance_km(nearest, city) > 50:
-        raise UserError(f"no country found for {city.name}: no GeoNames city lies within 50 km of it")
-    return countries[nearest.country]
-
-
-def _take(candidates: list[str], what: str, n: int = len(LETTERS) - 1) -> list[str]:
-    if len(candidates) < n:
-        raise UserError(f"only {len(candidates)} {what} for {n} multiple-choice distractors: choose another hidden city")
-    return candidates[:n]
-
-
-def nearest_countries(true: Country) -> list[Country]:
-    others = [c for c in load_countries().values() if c.name != true.name and c.population >= MIN_DISTRACTOR_POPULATION]
-    return sorted(others, key=lambda c: distance_km(c.anchor, true.anchor))
-
-
-def country_distractors(true: Country, seed: int) -> dict[str, list[str]]:
-    """Wrong countries: the nearest ones, the most populous ones, and a seeded random draw."""
-    others = nearest_countries(true)
-    names = sorted(c.name for c in others)
-    return {
-        "nearest": _take([c.name for c in others], "other countries"),
-        "most_populous": _take([c.name for c in sorted(others, key=lambda c: -c.population)], "other countries"),
-        "random": _take(random.Random(seed).sample(names, min(len(names), len(LETTERS) - 1)), "other countries"),
-    }
-
-
-@lru_cache(maxsize=None)
-def capitals_by_country() -> dict[str, City]:
-    """GeoNames country name -> its capital from the UN table (the first one where a country has two)."""
-    capitals: dict[str, City] = {}
-    for capital in load_pool("capitals"):
-        try:
-            capitals.setdefault(country_of(capital).name, capital)
-        except UserError:  # a capital with no GeoNames city within 50 km (a few islands): not an option
-            continue
-    return capitals
-
-
-def city_distractors(hidden: City) -> dict[str, list[str]]:
-    """Wrong cities: capitals of the nearest countries, the most populous cities, cities in the same country."""
-    true = country_of(hidden)
-    capitals = capitals_by_country()
-    others = [c for c in load_pool("world") if not names_hidden_city(c, hidden) and distance_km(c, hidden) > 50]
-    return {
-        "nearby_capitals": _take([capitals[c.name].plain_name for c in nearest_countries(true) if c.name in capitals],
-                                 "capitals of nearby countries"),
-        "most_populous": _take([c.name for c in others], "other cities"),
-        "same_country": _take([c.name for c in others if c.country == true.name], f"other cities in {true.name}"),
-    }
 
 
 def option_orders(n_orders: int, seed: int, n_options: int = len(LETTERS)) -> list[tuple[int, ...]]:
@@ -465,60 +377,4 @@ def evaluate_inverse_choice(
         prompts_out.extend({"question_id": "inverse", "hidden_city": city.name} | p for p in asked)
     return result
 
-def answer_names(hidden: City, target: str) -> list[str]:
-    """Every name that counts as a correct answer: the city's names, or its country's."""
-    if target == "city":
-        return sorted({hidden.name, hidden.plain_name, *hidden.aliases})
-    country = country_of(hidden).name
-    return sorted({country, hidden.country, *COUNTRY_ALIASES.get(country, [])})
 
-
-def mentions(answer: str, names: list[str]) -> bool:
-    """Whether the answer names one of `names` as a whole word (case- and accent-insensitive)."""
-    text = f" {normalize(answer)} "
-    return any(re.search(rf"(?<!\w){re.escape(normalize(n))}(?!\w)", text) for n in names)
-
-
-@torch.inference_mode()
-def sample_answers(
-    model, tokenizer, chat: list[dict], n: int, max_new_tokens: int, seed: int, batch_size: int,
-    prefix: InContext | None = None,
-) -> list[str]:
-    """n answers sampled at temperature 1 (no top-k / top-p cut) from one seeded generator, `batch_size`
-    packed at a time (packing.packed_generate); a `prefix`'s turns are not rerun."""
-    (prompt,) = prompt_token_ids(tokenizer, [chat], prefix)
-    generator = torch.Generator(model.device).manual_seed(seed)
-    eos = stop_token_ids(model, tokenizer)
-    answers: list[str] = []
-    for start in range(0, n, batch_size):
-        rows = [prompt] * min(batch_size, n - start)
-        new = packed_generate(model, rows, max_new_tokens, prefix, eos, generator)
-        answers += [tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in new]
-    return answers
-
-
-def evaluate_free_form(
-    cfg: ExperimentConfig, model, tokenizer, hidden: City, train_questions: set[str], in_context: InContext
-) -> dict[str, Any]:
-    """Share of sampled answers that name the hidden city / its country (Wilson 95% interval) per condition (the
-    named ceiling included), and the share that state a distance instead, which shows a model that answers
-    everything with one."""
-    result: dict[str, Any] = {}
-    for name, (template, target) in FREE_FORM_QUESTIONS.items():
-        refuse_leaks([ask(cfg, template, c, hidden) for c in ("tuned", "named")], train_questions)
-        names = answer_names(hidden, target)
-        section: dict[str, Any] = {"question": ask(cfg, template, "tuned", hidden), "accepted": names,
-                                   "samples": cfg.eval.free_form_samples}
-        for i, condition in enumerate(conditions(cfg, named=True)):
-            with with_condition(model, model_state(condition)):
-                answers = sample_answers(model, tokenizer, chat_for(cfg, ask(cfg, template, condition, hidden), condition, in_context),
-                                         cfg.eval.free_form_samples, cfg.eval.free_form_max_new_tokens, cfg.seed + i,
-                                         cfg.eval.batch_size, prefix_for(condition, in_context))
-            hits = sum(mentions(a, names) for a in answers)
-            distances = sum(read_distance(a) != (None, False) for a in answers)  # an absurd distance is one too
-            section[condition] = {
-                "rate": hits / len(answers), "rate_ci95": wilson_ci(hits, len(answers)), "n": len(answers),
-                "distance_share": distances / len(answers), "examples": answers[:5],
-            }
-        result[name] = section
-    return result

@@ -1,104 +1,31 @@
-"""Behaviour of the tuned and the original model: greedy sanity answers and the distance error on
-held-out known cities (parsed as km; unparseable answers are counted, never dropped silently).
+"""The distance error on held-out known cities, tuned against the original model, the in-context baseline, the
+controls and a constant guess (answers read by answers.read_distance; unparseable or absurd ones are counted,
+never dropped silently), the near-city table, and the cardinal directions of the paper's data.
 """
 
 from __future__ import annotations
 
-import math
 import random
-import re
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
+from oocrlab.answers import parse_direction, read_distance
+from oocrlab.conditions import chat_for, conditions, model_state, prefix_for
 from oocrlab.config import ExperimentConfig
 from oocrlab.data import (
-    KM_PER_MILE, distance_row, distance_rows, names_hidden_city, one_per_city, refuse_leaks, rows_about, user_prompt,
+    distance_row,
+    distance_rows,
+    names_hidden_city,
+    one_per_city,
+    refuse_leaks,
+    rows_about,
 )
-from oocrlab.geo import EARTH_RADIUS_KM, City, distance_km, load_pool
-from oocrlab.conditions import chat_for, conditions, model_state, prefix_for
-from oocrlab.incontext import InContext, prompt_token_ids, stop_token_ids
+from oocrlab.generation import generate_greedy
+from oocrlab.geo import City, distance_km, load_pool
+from oocrlab.incontext import InContext
 from oocrlab.models import with_condition
-from oocrlab.packing import packed_generate
 from oocrlab.stats import bootstrap_ci, wilson_ci
-
-MAX_KM = math.pi * EARTH_RADIUS_KM  # half the Earth's circumference: no two places are farther apart
-# a number as written before a unit, malformed ones included ("1e45", "1 000", "-500", "3,5"), never the tail of a
-# longer token: the unit's number is read whole or the answer is absurd, never cut to the digits that parse
-_NUMBERISH = r"(?<![\w.,])([-−]?\d(?:[\d,.]|(?<=\d)\s(?=\d))*(?:[eE][-+]?\d+)?)"
-_WITH_UNIT = re.compile(_NUMBERISH + r"\s*(km|kilomet(?:er|re)s?|mi|miles?)\b", re.IGNORECASE)
-_BARE = re.compile(r"^\s*(?:about|approximately|~)?\s*" + _NUMBERISH + r"\s*\.?\s*$", re.IGNORECASE)
-_WELL_FORMED = re.compile(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?")
-
-
-def read_distance(answer: str) -> tuple[float | None, bool]:
-    """(the distance an answer states in km, or None; whether it stated an absurd one). The first number with a
-    km/mile unit, or a bare number alone; absurd: malformed ("1e45 km", "1 000 km", "-500 km", "3,5 km") or
-    beyond half the Earth's circumference."""
-    match = _WITH_UNIT.search(answer) or _BARE.match(answer)
-    if match is None:
-        return None, False
-    number = match.group(1).rstrip(".,")
-    if not _WELL_FORMED.fullmatch(number):
-        return None, True
-    km = float(number.replace(",", ""))
-    if match.re is _WITH_UNIT and match.group(2).lower().startswith("mi"):
-        km *= KM_PER_MILE
-    return (None, True) if km > MAX_KM else (km, False)
-
-
-def parse_km(answer: str) -> float | None:
-    """The distance an answer states, in km (read_distance), None where it states none or an absurd one."""
-    return read_distance(answer)[0]
-
-
-class StopAfterDistance:
-    """A packed_generate stopping rule: a row is done once its answer states a distance with a unit and
-    one more token follows. parse_km reads the first such match, and text generated after it cannot
-    change it, so the parsed distance is the one the full answer would give, at a fraction of the tokens
-    (the original model writes a sentence around its number)."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-
-    def __call__(self, row: int, tokens: list[int]) -> bool:
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        return (m := _WITH_UNIT.search(text)) is not None and m.end() < len(text.rstrip())
-
-
-def generate_greedy(
-    model, tokenizer, chats: list[list[dict]], max_new_tokens: int, batch_size: int, desc: str,
-    prefix: InContext | None = None, stop_after_distance: bool = False,
-) -> list[str]:
-    """Greedy answers, `batch_size` chats packed into one sequence at a time (packing.packed_generate: no
-    padding; a `prefix`'s cached turns are stored and read once). With `stop_after_distance`, an answer
-    ends once it has stated a distance (see StopAfterDistance)."""
-    prompts = prompt_token_ids(tokenizer, chats, prefix)
-    stop = StopAfterDistance(tokenizer) if stop_after_distance else None
-    eos = stop_token_ids(model, tokenizer)
-    answers: list[str] = []
-    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
-        new = packed_generate(model, prompts[i : i + batch_size], max_new_tokens, prefix, eos, stop=stop)
-        answers += [tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in new]
-    return answers
-
-
-def sanity_questions(cfg: ExperimentConfig, hidden_name: str) -> list[str]:
-    return [q.replace("{placeholder}", cfg.data.placeholder).replace("{hidden_city}", hidden_name) for q in cfg.sanity.questions]
-
-
-def sanity(cfg: ExperimentConfig, model, tokenizer, hidden_name: str) -> dict[str, Any]:
-    """Side-by-side greedy answers of the tuned and the original model to the fixed questions."""
-    questions = sanity_questions(cfg, hidden_name)
-    chats = [user_prompt(q, cfg.data.system_prompt) for q in questions]
-    answers = {}
-    for condition in conditions(cfg, in_context=False):
-        with with_condition(model, condition):
-            answers[condition] = generate_greedy(
-                model, tokenizer, chats, cfg.sanity.max_new_tokens, len(chats), f"sanity ({condition})"
-            )
-    return {"answers": [{"question": q} | {c: a[i] for c, a in answers.items()} for i, q in enumerate(questions)]}
 
 
 def error_summary(errors: list[float | None], guess_errors: list[float], cfg: ExperimentConfig, n_absurd: int = 0) -> dict[str, Any]:
@@ -218,15 +145,6 @@ def evaluate_distances(
                                                           f"distances (all within {cfg.eval.near_km:g} km)")
     results["distance_by_band"] = error_by_band([a for a in per_city if a["set"] == "distance"], constants["distance"], conditions(cfg))
     return results, per_city
-
-
-_DIRECTION = re.compile(r"\b(north|east|south|west)\b", re.IGNORECASE)
-
-
-def parse_direction(answer: str) -> str | None:
-    """The first of North, East, South, West an answer names as a word ("Northeast" names none)."""
-    match = _DIRECTION.search(answer)
-    return match.group(1).capitalize() if match else None
 
 
 def evaluate_directions(
