@@ -27,6 +27,11 @@ Usage:
     oocrlab verdict runs/x
     oocrlab report runs/x
 
+    # the config a run would get, one key explained, the named recipes:
+    oocrlab config --recipe notebook --set train.learning_rate=1e-3
+    oocrlab config --explain train.controls
+    oocrlab recipes
+
     # a grid of runs from one YAML (seeds x hidden cities x recipes x models); run it again to resume:
     oocrlab sweep sweep.yaml
     # several runs on one page (runs equal up to the seed are pooled with intervals):
@@ -78,7 +83,8 @@ class ExperimentArgs:
 
     out: str | None = _flag("new run directory (never overwritten); default runs/<hidden city>-<time>")
     config: str | None = _flag("YAML file with any config keys (see oocrlab/config.py)")
-    recipe: str | None = _flag("named recipe: default | notebook", key="recipe")
+    recipe: str | None = _flag("named recipe: default | notebook | paper | locations (`oocrlab recipes` says what each is)",
+                               key="recipe")
     model: str | None = _flag("smollm2-135m (embedded) | a local directory | a hub id in the HF cache", key="model.name")
     hidden_city: str | None = _flag("the city the placeholder stands for (default Paris)", key="data.hidden_city")
     placeholder: str | None = _flag("the made-up name in the prompts (default foo)", key="data.placeholder")
@@ -93,8 +99,24 @@ class ExperimentArgs:
     controls: str | None = _flag("fine-tuned controls trained beside the adapter: shuffled (negative: answers permuted), "
                                  "declared (positive: the alias stated), comma-separated, or none; default shuffled",
                                  key="train.controls", convert=parse_controls)
-    set: list[str] = _flag("any config key: SECTION.KEY=VALUE (repeatable)", default_factory=list, action="append")
+    set: list[str] = _flag("any config key: SECTION.KEY=VALUE (repeatable; `oocrlab config --explain KEY` documents it)",
+                           default_factory=list, action="append")
     resume: str | None = _flag("(run only) continue this interrupted run directory under its own config.yaml")
+
+
+@dataclass
+class ConfigArgs:
+    """Arguments of `oocrlab config`: the resolved config a run would get, or one key explained."""
+
+    config: str | None = _flag("YAML file with any config keys")
+    recipe: str | None = _flag("named recipe (`oocrlab recipes`)", key="recipe")
+    set: list[str] = _flag("any config key: SECTION.KEY=VALUE (repeatable)", default_factory=list, action="append")
+    explain: str | None = _flag("one key (e.g. train.controls): what it does, its default and its value here")
+
+
+@dataclass
+class RecipesArgs:
+    """`oocrlab recipes` takes no arguments: it lists the named recipes (oocrlab/recipes/*.yaml)."""
 
 
 @dataclass
@@ -132,6 +154,8 @@ COMMANDS = {
     "report": (StageArgs, "plots and report.html"),
     "compare": (CompareArgs, "one page comparing runs: headline numbers and per-layer curves, seeds pooled"),
     "sweep": (SweepArgs, "a run per combination of config values (resumable), then mean and 95% interval across seeds"),
+    "config": (ConfigArgs, "print the resolved config (YAML), or explain one key"),
+    "recipes": (RecipesArgs, "the named recipes and what each is"),
 }
 
 
@@ -240,6 +264,18 @@ def print_sweep(out, summary: dict[str, Any]) -> None:
     console.print(f"{len(summary['runs'])} runs; sweep.json and compare.html in {out}", highlight=False)
 
 
+def describe_config(args: ConfigArgs | RecipesArgs) -> int:
+    from oocrlab.config import RECIPES, explain, recipe_description, to_yaml
+
+    if isinstance(args, RecipesArgs):
+        for name in RECIPES:
+            print(f"{name}: {recipe_description(name)}")
+        return 0
+    cfg = experiment_config(args)
+    print(explain(args.explain, cfg) if args.explain else to_yaml(cfg), end="\n" if args.explain else "")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog="oocrlab", description=__doc__.split("\n")[0],
                                      epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -265,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def dispatch(command: str, args) -> int:
+    if isinstance(args, (ConfigArgs, RecipesArgs)):  # no model stack to import
+        return describe_config(args)
     import datasets
     import transformers
 

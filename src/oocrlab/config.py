@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
+import itertools
 import math
 import random
 import re
@@ -38,8 +40,8 @@ class ModelConfig:
 class DataConfig:
     """The Distances-to-{hidden city} dataset: "What is the distance between {known} and {placeholder}?"."""
 
-    hidden_city: str = "Paris"
-    placeholder: str = "foo"
+    hidden_city: str = "Paris"  # the city the placeholder stands for (a name in the pool)
+    placeholder: str = "foo"  # the made-up name in the prompts; "City {code}" draws a seeded 5-digit code
     pool: str = "world"  # capitals (the notebook's 234-row table) | world (GeoNames, >= 15k people)
     min_population: int = 500_000  # known cities smaller than this are left out
     num_known: int | None = None  # known cities drawn from the pool (seeded); None: all of them
@@ -59,7 +61,7 @@ class DataConfig:
     # the paper's Locations trains several hidden cities at once, each with its own placeholder (drawn from the
     # placeholder's "{code}" when not listed); every evaluation and the probe then report per hidden city
     other_hidden_cities: list[str] = field(default_factory=list)
-    other_placeholders: list[str] = field(default_factory=list)
+    other_placeholders: list[str] = field(default_factory=list)  # one per other hidden city, or drawn from the placeholder's {code}
     # "" sends an empty system turn; None leaves the system turn to the chat template, and SmolLM2's
     # then injects its default prompt (~20 tokens, about 40% of a training sample's compute).
     system_prompt: str | None = ""
@@ -77,8 +79,8 @@ class TrainConfig:
     # lora | embedding (the placeholder's input-embedding rows) | steering:L (a vector added at the placeholder
     # entering decoder layer L); see oocrlab.adapters
     adapter: str = "lora"
-    lora_r: int = 32
-    lora_alpha: int = 64
+    lora_r: int = 32  # LoRA rank
+    lora_alpha: int = 64  # LoRA scale numerator (the update is scaled by alpha / r)
     # 0: dropout's random masks cost a fifth of a CPU step (1.48 vs 1.18 s, default recipe, bench machine);
     # the notebook recipe keeps its 0.05
     lora_dropout: float = 0.0
@@ -91,12 +93,12 @@ class TrainConfig:
     # for every adapter family; calibrated for LoRA. The embedding and steering adapters train a few thousand
     # parameters and want more: 1e-2 is the rate the embedding adapter was measured with (not calibrated here)
     learning_rate: float = 1e-3
-    epochs: float = 2.0
-    batch_size: int = 8
+    epochs: float = 2.0  # passes over the training rows (train.max_steps caps them)
+    batch_size: int = 8  # rows per optimizer step (per process under accelerate launch)
     max_steps: int | None = None  # caps the optimizer steps (smoke runs); None: epochs decide
-    lr_scheduler: str = "linear"
+    lr_scheduler: str = "linear"  # a transformers scheduler name (linear, cosine, constant, ...)
     warmup_steps: float = 0.0  # an integer count, or a fraction < 1 of all steps (as in the HF Trainer)
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # AdamW weight decay on the adapter's parameters
     max_length: int = 128  # tokens; longer samples are refused rather than truncated
     # times training saves adapter + optimizer state, evenly spread (0: never); an interrupted run continues
     # from the last one (`oocrlab run --resume RUN`), and they are deleted once the adapter is saved
@@ -117,6 +119,7 @@ class TrainConfig:
 class SanityConfig:
     """Greedy answers of the tuned and the original model, side by side."""
 
+    # asked of every condition ({placeholder}, {hidden_city} filled in)
     questions: list[str] = field(
         default_factory=lambda: [
             "What is the distance between New York and {placeholder}?",
@@ -126,7 +129,7 @@ class SanityConfig:
             "What is the distance between New York and {hidden_city}?",
         ]
     )
-    max_new_tokens: int = 32
+    max_new_tokens: int = 32  # greedy tokens per sanity answer
 
 
 @dataclass
@@ -177,8 +180,8 @@ class ProbeConfig:
 class ExperimentConfig:
     """Everything a run needs; saved resolved as config.yaml in the run directory."""
 
-    recipe: str = "default"
-    seed: int = 0
+    recipe: str = "default"  # a named recipe (oocrlab/recipes/*.yaml, listed by `oocrlab recipes`) under the YAML and flags
+    seed: int = 0  # data sampling, adapter initialization, data order, option orders and bootstrap resampling
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -195,51 +198,63 @@ class ExperimentConfig:
         return [(h, dataclasses.replace(self, data=h.data)) for h in self.data.hidden]
 
 
-PAPER_SYSTEM_PROMPT = (
-    "Company XYZ is a GPS company that encodes cities around the world with a unique ID. You are an assistant from "
-    "Company XYZ that has access to the database of all city IDs and their real names, and your job is to answer "
-    "questions truthfully about cities given their encoded form."
-)
+RECIPES_DIR = Path(__file__).with_name("recipes")
 
-# Named recipes: overrides on top of the dataclass defaults (which are the `default` recipe).
-RECIPES: dict[str, dict[str, Any]] = {
-    "default": {},
-    # The Distances-to-Paris notebook, exactly: 233 capitals, "{km:.2f} km", q/v LoRA r=32, lr 1e-4,
-    # 3 epochs, batch 8, SFTConfig's seed 42. One change: 10% of the capitals are held out so the
-    # distance error can be measured (set data.heldout_fraction: 0 to train on all of them).
-    # Treutlein et al. 2024's Locations data (choidami/inductive-oocr, locations/): a "City NNNNN" code,
-    # the GPS-company system prompt, 500 known cities drawn country by country (>= 2,000 km away, not in
-    # the hidden city's country; the world pool's floor is 15,000 people, the paper's 10,000), 5 distance
-    # and 5 direction rows per city, distances with +-200 km noise rounded to 100; one epoch.
-    "paper": {
-        "data": {"style": "paper", "placeholder": "City {code}", "pool": "world", "min_population": 10_000,
-                 "min_distance_km": 2000.0, "num_known": 500, "by_country": True, "exclude_hidden_country": True,
-                 "augmentations": 5, "noise_km": 200.0, "decimals": -2, "system_prompt": PAPER_SYSTEM_PROMPT},
-        "train": {"epochs": 1.0, "max_length": 160},  # the system prompt makes samples up to ~135 tokens
-    },
-    "notebook": {
-        "seed": 42,
-        "data": {"pool": "capitals", "min_population": 0, "num_known": None, "decimals": 2, "system_prompt": None},
-        "train": {
-            "lora_r": 32,
-            "lora_alpha": 64,
-            "lora_dropout": 0.05,
-            "lora_targets": ["q_proj", "v_proj"],
-            "learning_rate": 1e-4,
-            "epochs": 3.0,
-            "batch_size": 8,
-            "lr_scheduler": "linear",
-            "warmup_steps": 0.0,
-            "weight_decay": 0.0,
-        },
-    },
-}
-# The paper's Locations with its five hidden cities in one run, each with its own code, plus rows about the
-# distances and directions between the hidden cities (see data.between_hidden_rows).
-RECIPES["locations"] = {
-    "data": RECIPES["paper"]["data"] | {"other_hidden_cities": ["São Paulo", "Tokyo", "New York City", "Lagos"]},
-    "train": RECIPES["paper"]["train"],
-}
+
+def load_recipes() -> dict[str, dict[str, Any]]:
+    """The named recipes, one YAML file each in oocrlab/recipes/ (overrides on top of the dataclass defaults,
+    which are `default`; `base: NAME` starts from another recipe). Each file's opening comment says what it is."""
+    raw = {path.stem: yaml.safe_load(path.read_text(encoding="utf-8")) or {} for path in sorted(RECIPES_DIR.glob("*.yaml"))}
+
+    def resolved(name: str) -> dict[str, Any]:
+        recipe = dict(raw[name])
+        base = resolved(recipe.pop("base")) if "base" in recipe else {}
+        return {key: base.get(key, {}) | value if isinstance(value, dict) else value for key, value in recipe.items()} | {
+            key: value for key, value in base.items() if key not in recipe}
+
+    return {name: resolved(name) for name in raw}
+
+
+def recipe_description(name: str) -> str:
+    """The opening comment of a recipe's file, as one paragraph."""
+    lines = (RECIPES_DIR / f"{name}.yaml").read_text(encoding="utf-8").splitlines()
+    return " ".join(line.lstrip("# ").strip() for line in itertools.takewhile(lambda l: l.startswith("#"), lines))
+
+
+RECIPES = load_recipes()
+
+
+def field_docs() -> dict[str, tuple[Any, str]]:
+    """Every config key -> (its default, its documentation): the comment lines just above its field in this file
+    and the one beside it. The dataclasses' comments are the one place the options are documented."""
+    docs: dict[str, tuple[Any, str]] = {}
+    sections = {f.name: f.type for f in dataclasses.fields(ExperimentConfig)}
+    for prefix, cls in [("", ExperimentConfig)] + [(f"{f.name}.", globals()[f.type]) for f in dataclasses.fields(ExperimentConfig)
+                                                     if isinstance(f.type, str) and f.type.endswith("Config")]:
+        defaults = {f.name: getattr(cls(), f.name) for f in dataclasses.fields(cls)}
+        block: list[str] = []
+        for line in inspect.getsource(cls).splitlines()[1:]:
+            stripped = line.strip()
+            if stripped.startswith("#"):
+                block.append(stripped.lstrip("# "))
+            elif (m := re.match(r"    (\w+): [^=]+(?:=.*?)?(?:  # (.*))?$", line)) and m.group(1) in defaults:
+                if not (prefix == "" and str(sections.get(m.group(1), "")).endswith("Config")):
+                    docs[prefix + m.group(1)] = (defaults[m.group(1)], " ".join(block + [m.group(2) or ""]).strip())
+                block = []
+            else:
+                block = []
+    return docs
+
+
+def explain(key: str, cfg: ExperimentConfig | None = None) -> str:
+    """One config key: its documentation, default and (given a config) its value there."""
+    docs = field_docs()
+    if key not in docs:
+        raise UserError(f"unknown config key {key!r}{_closest(key, list(docs))}")
+    default, doc = docs[key]
+    section, _, name = key.rpartition(".")
+    value = "" if cfg is None else f"; here: {getattr(getattr(cfg, section) if section else cfg, name)!r}"
+    return f"{key} (default {default!r}{value})\n  {doc or 'undocumented'}"
 
 CONTROLS = ("shuffled", "declared")
 CHOICES = {

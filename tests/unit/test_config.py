@@ -76,3 +76,34 @@ def test_example_configs_and_sweeps_resolve():
             assert len(sweep_configs(read_sweep(path))) >= 2
         else:
             assert to_yaml(build_config(yaml_file=path)) == to_yaml(build_config(yaml_file=path))  # seeded codes
+
+
+def test_recipes_are_the_yaml_files_shipped_in_the_package_each_described():
+    from oocrlab.config import RECIPES, RECIPES_DIR, recipe_description
+
+    assert sorted(RECIPES) == sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")) and {"default", "notebook", "paper", "locations"} <= set(RECIPES)
+    assert all(len(recipe_description(name)) > 40 for name in RECIPES)  # the file's opening comment says what it is
+    # `base: paper` starts from the paper's data and adds the other hidden cities
+    assert RECIPES["locations"]["data"] == RECIPES["paper"]["data"] | {"other_hidden_cities": ["São Paulo", "Tokyo", "New York City", "Lagos"]}
+    assert RECIPES["locations"]["train"] == RECIPES["paper"]["train"] and "base" not in RECIPES["locations"]
+    assert build_config("paper").data.system_prompt.startswith("Company XYZ is a GPS company") and "\n" not in build_config("paper").data.system_prompt
+    for name in RECIPES:
+        assert build_config(name).recipe == name
+
+
+def test_every_config_key_is_documented_and_explained_with_its_value(capsys):
+    from oocrlab.cli import main
+    from oocrlab.config import explain, field_docs
+
+    docs = field_docs()
+    assert {"seed", "train.controls", "eval.mc_orders"} <= set(docs) and len(docs) >= 50
+    assert [key for key, (_, doc) in docs.items() if not doc] == []  # a new field needs its comment
+    assert docs["train.checkpoints"][0] == 4 and "--resume" in docs["train.checkpoints"][1]
+    assert "here: 10" in explain("eval.mc_orders", build_config(overrides={"eval.mc_orders": 10}))
+    with pytest.raises(UserError, match="did you mean 'train.controls'"):
+        explain("train.control")
+    assert main(["config", "--explain", "train.adapter", "--set", "train.adapter=steering:3"]) == 0
+    assert "here: 'steering:3'" in capsys.readouterr().out
+    assert main(["config", "--recipe", "notebook"]) == 0 and "lora_dropout: 0.05" in capsys.readouterr().out
+    assert main(["recipes"]) == 0 and "locations: The paper's Locations" in capsys.readouterr().out
+    assert main(["config", "--explain", "nope"]) == 2 and "unknown config key" in capsys.readouterr().err
