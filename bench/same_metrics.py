@@ -1,0 +1,66 @@
+"""A seeded tiny run on the tests' random tiny Llama (built in-process, nothing downloaded), and the comparison of
+two runs' metrics.json and per-answer files apart from timings and the environment record: how a refactor shows
+that it changed no number (issue 16).
+
+    # before and after a change; the old checkout's package goes first on the path:
+    git worktree add /tmp/before COMMIT
+    PYTHONPATH=/tmp/before/src .venv/bin/python bench/same_metrics.py run /tmp/tiny-before
+    .venv/bin/python bench/same_metrics.py run /tmp/tiny-after
+    .venv/bin/python bench/same_metrics.py compare /tmp/tiny-before /tmp/tiny-after
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.helpers
+UNTIMED = ("timings", "environment", "seconds")  # wall times and the machine, which differ between any two runs
+COMPARED_FILES = ("data/train.jsonl", "data/heldout.jsonl", "eval_distance.jsonl", "eval_mc.jsonl")
+
+
+def tiny_run(out: Path) -> None:
+    from oocrlab import build_config, run_experiment
+    from tests.helpers import build_model, build_tokenizer, tiny_overrides
+
+    model_dir = out / "model"
+    tokenizer = build_tokenizer()
+    build_model(len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    run_experiment(build_config(overrides=tiny_overrides(str(model_dir))), out / "run")
+
+
+def untimed(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: untimed(v) for k, v in value.items() if k not in UNTIMED}
+    return [untimed(v) for v in value] if isinstance(value, list) else value
+
+
+def differences(a: Any, b: Any, path: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(a.keys() | b.keys()) for d in
+                (differences(a[k], b[k], f"{path}.{k}") if k in a and k in b else [f"{path}.{k}: only in one"])]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{path}[{i}]")]
+    return [] if a == b else [f"{path}: {a!r} != {b!r}"]
+
+
+def compare(a: Path, b: Path) -> list[str]:
+    found = differences(*(untimed(json.loads((r / "run" / "metrics.json").read_text())) for r in (a, b)), "metrics")
+    for name in COMPARED_FILES:
+        if (a / "run" / name).read_bytes() != (b / "run" / name).read_bytes():
+            found.append(f"{name} differs")
+    return found
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "run":
+        tiny_run(Path(sys.argv[2]))
+    elif len(sys.argv) == 4 and sys.argv[1] == "compare":
+        found = compare(Path(sys.argv[2]), Path(sys.argv[3]))
+        print("\n".join(found[:50]) or "the same metrics.json and answers, timings and the environment aside")
+        sys.exit(1 if found else 0)
+    else:
+        sys.exit(__doc__)
