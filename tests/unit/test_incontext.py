@@ -11,7 +11,7 @@ from oocrlab.evaluate import generate_greedy
 from oocrlab.incontext import InContext, prompt_token_ids, stop_token_ids
 from oocrlab.train import lora_config
 from oocrlab.verbalize import letter_probabilities, mc_question, sample_answers
-from tests.conftest import leaky_mask, sample_side_by_side, tiny_overrides
+from tests.helpers import leaky_mask, sample_side_by_side, tiny_overrides
 
 
 @pytest.fixture()

@@ -27,7 +27,7 @@ from oocrlab.rundir import Run, read_jsonl
 from oocrlab.stats import max_t_sign_flip, mean_t_ci, paired_difference, rank_among
 from oocrlab.verbalize import CLOZE_WORDINGS, FREE_FORM_QUESTIONS, cloze_log_probs, option_orders
 from oocrlab.verdict import behaviour_verdict, distance_verdict, representation_verdict
-from tests.conftest import leaky_mask, tiny_overrides
+from tests.helpers import leaky_mask, tiny_overrides
 
 
 def letter_counts(orders, n):
