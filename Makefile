@@ -1,6 +1,7 @@
 # Two commands on a fresh machine (both idempotent; everything goes into .venv/):
 #   make run    set up, then `oocrlab run` on the embedded SmolLM2-135M-Instruct (a new runs/<city>-<time>/ each time)
-#   make test   set up, then the test suite (what .ci/run runs)
+#   make test   set up, then the test suite (what .ci/run runs): tests/unit and tests/system
+# make test-unit runs tests/unit alone (in-process, under 2 minutes); make test-system the rest
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
@@ -8,7 +9,7 @@ STAMP  := $(VENV)/.installed
 # multi-GB CUDA build. On another CPU-only machine: make setup TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup run test bench
+.PHONY: setup run test test-unit test-system bench
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
@@ -25,6 +26,12 @@ run: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+test-unit: setup
+	$(PY) -m pytest -q tests/unit
+
+test-system: setup
+	$(PY) -m pytest -q tests/system
 
 bench: setup
 	$(PY) bench/run.py

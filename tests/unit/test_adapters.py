@@ -1,5 +1,6 @@
 """The embedding and steering adapters (oocrlab.adapters) on the tiny model: what they change and what they
-leave bitwise alone, saving and loading, resuming, and the whole pipeline on top of them."""
+leave bitwise alone, saving and loading, resuming. Every stage on a steering adapter (a whole tiny run):
+tests/system/test_adapter_runs.py."""
 
 import importlib
 import json
@@ -9,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from oocrlab import STAGES, Models, build_config, run_stage
+from oocrlab import Models, build_config, run_stage
 from oocrlab.adapters import EmbeddingRows, SteeringVector, placeholder_mask, placeholder_sequences
 from oocrlab.config import ModelConfig
 from oocrlab.errors import UserError
@@ -17,26 +18,11 @@ from oocrlab.models import load_model
 from oocrlab.packing import additive_mask, pack_prefix_tree
 from oocrlab.rundir import Run
 from oocrlab.train import last_checkpoint, load_adapter, train
-from tests.conftest import tiny_overrides
+from tests.helpers import EMBEDDING_PLACEHOLDER, tiny_overrides, trained_run
 
 FAMILIES = ("embedding", "steering:1")
 PROMPT = "What is the distance between Lima and foo? And foo?"
 NO_PLACEHOLDER = "What is the distance between Lima and Paris?"
-
-
-# one token of its own in the tiny tokenizer (" about"): "foo" is f-o-o there, letters the data uses everywhere,
-# which the embedding adapter refuses to train (see test_the_embedding_adapter_refuses_...)
-EMBEDDING_PLACEHOLDER = {"data.placeholder": "about"}
-
-
-def trained_run(tmp_path_factory, tiny_model_dir, adapter: str, **settings):
-    placeholder = EMBEDDING_PLACEHOLDER if adapter == "embedding" else {}
-    cfg = build_config(overrides=tiny_overrides(tiny_model_dir) | {"train.adapter": adapter} | placeholder | settings)
-    run = Run.create(tmp_path_factory.mktemp("runs") / adapter.replace(":", "-"), cfg)
-    models = Models(cfg, run)
-    for stage in ("data", "train"):
-        run_stage(stage, cfg, run, models)
-    return cfg, run, models
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -216,16 +202,6 @@ def test_an_interrupted_training_resumes_to_the_uninterrupted_adapter(tmp_path_f
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-5)
-
-
-def test_every_stage_runs_on_a_steering_adapter(tmp_path_factory, tiny_model_dir):
-    cfg, run, models = trained_run(tmp_path_factory, tiny_model_dir, "steering:1")
-    for stage in STAGES[2:]:
-        run_stage(stage, cfg, run, models)
-    assert run.finished_stages() == list(STAGES)
-    probe = run.metrics()["probe"]
-    assert probe["steering"]["pc1_share"][0] is None and probe["steering"]["pc1_share"][2] is not None  # no shift before layer 1
-    assert "a steering vector at the placeholder entering decoder layer 1" in run.report_file.read_text()
 
 
 @pytest.mark.parametrize(("flags", "message"), [

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from oocrlab.cli import main
-from tests.conftest import build_model, build_tokenizer
+from tests.helpers import build_model, build_tokenizer
 
 
 def run_cli(capsys, *argv):

@@ -14,7 +14,7 @@ from oocrlab.incontext import InContext
 from oocrlab.train import lora_config
 from oocrlab.evaluate.choice import letter_probabilities, mc_question
 from oocrlab.evaluate.free_form import sample_answers
-from tests.conftest import leaky_mask, sample_side_by_side, tiny_overrides
+from tests.helpers import leaky_mask, sample_side_by_side, tiny_overrides
 
 
 @pytest.fixture()

@@ -30,7 +30,7 @@ from oocrlab.stats import max_t_sign_flip, mean_t_ci, paired_difference, rank_am
 from oocrlab.evaluate.choice import CLOZE_WORDINGS, cloze_log_probs, option_orders
 from oocrlab.evaluate.free_form import FREE_FORM_QUESTIONS
 from oocrlab.verdict import behaviour_verdict, distance_verdict, representation_verdict
-from tests.conftest import leaky_mask, tiny_overrides
+from tests.helpers import leaky_mask, tiny_overrides
 
 
 def letter_counts(orders, n):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from oocrlab.packing import CachedPrefix, next_token_log_probs, pack_prefix_tree, packed_generate
-from tests.conftest import leaky_mask, sample_side_by_side
+from tests.helpers import leaky_mask, sample_side_by_side
 
 
 def unpacked_log_probs(model, prompts):

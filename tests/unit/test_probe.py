@@ -12,7 +12,7 @@ from oocrlab.probe import (
     decoder_of, locate_entity, locate_in_template, logit_lens, patched_letter_probabilities, probe_setup, rank_among_candidates, steering_view,
 )
 from oocrlab.stats import mean_t_ci
-from tests.conftest import leaky_mask
+from tests.helpers import leaky_mask
 
 
 def tolerance(model):

@@ -11,7 +11,7 @@ from oocrlab import build_config
 from oocrlab.data import build_distance_data
 from oocrlab.packing import prefix_tree_batch
 from oocrlab.train import completion_loss_trainer, finite_step, last_checkpoint, lora_config, sft_config
-from tests.conftest import leaky_mask, tiny_overrides
+from tests.helpers import leaky_mask, tiny_overrides
 
 
 def check_completion_loss(trainer, batch, count):

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from oocrlab import STAGES, build_config, run_stage
 from oocrlab.rundir import Run, read_jsonl
-from tests.conftest import tiny_overrides
+from tests.helpers import tiny_overrides
 
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533", "-m", "oocrlab.cli"]

@@ -1,0 +1,166 @@
+"""Helpers shared by the test modules and the fixtures in conftest.py (imported as `from tests.helpers
+import ...`): a tiny random Llama with a real (small, in-process trained) BPE tokenizer and a ChatML
+template that injects a default system prompt, as SmolLM2's does; config overrides for a fast run on it;
+a deliberately leaking packing mask; a reference sampler; page and YAML helpers. Nothing is downloaded."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import re
+
+import pytest
+import torch
+import yaml
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a tiny test model from Paris<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def build_tokenizer(chat_template: str | None = CHAT_TEMPLATE):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from oocrlab.geo import load_pool
+
+    corpus = [f"What is the distance between {c.name} and Paris? {i * 37 % 9999} km" for i, c in enumerate(load_pool("capitals"))]
+    corpus += ["Which country is it in? What city is it? Tell me about it. France New York system user assistant"] * 5
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|im_end|>", bos_token="<|endoftext|>"
+    )
+    fast.chat_template = chat_template
+    return fast
+
+
+def build_model(vocab_size: int, seed: int = 0, hidden_size: int = 32, initializer_range: float = 0.02):
+    """A random Llama. At the default initializer_range it mostly repeats its last input token; a larger one
+    (0.5, the `contextual` fixture) makes its next token depend on the whole context, for tests of attention
+    masks and caches."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        eos_token_id=2,
+        pad_token_id=2,
+        bos_token_id=0,
+        initializer_range=initializer_range,
+    )
+    return LlamaForCausalLM(config)
+
+
+@contextlib.contextmanager
+def leaky_mask():
+    """Packing with the likeliest masking bug: every token of a packed row sees every earlier token of the
+    row (a plain causal mask), not just its own prompt's; a cached prefix stays visible to all. Every user
+    of packing.additive_mask looks it up in that module when called, so patching it there reaches them all.
+    An equivalence test that still passes inside this does not exercise its packing."""
+    from oocrlab import packing
+
+    exact = packing.additive_mask
+
+    def causal(visible: torch.Tensor, dtype: torch.dtype, offset: int = 0) -> torch.Tensor:
+        queries, keys = visible.shape  # the queries are the row's last `queries` tokens
+        return exact(torch.ones_like(visible).tril(keys - queries), dtype, offset)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(packing, "additive_mask", causal)
+        yield
+
+
+@torch.no_grad()
+def sample_side_by_side(model, prompt: list[int], n: int, max_new_tokens: int, generator: torch.Generator,
+                        eos_ids=frozenset()) -> list[list[int]]:
+    """packing.packed_generate's sampling of n rows of one prompt, without packing, masks or cache: every
+    step runs the unfinished rows whole, side by side, and draws from the generator as it does."""
+    rows, active, new = torch.tensor([prompt] * n, device=model.device), list(range(n)), [[] for _ in range(n)]
+    while active:
+        probs = torch.softmax(model(input_ids=rows).logits[:, -1].float(), -1)
+        tokens, still = torch.multinomial(probs, 1, generator=generator)[:, 0], []
+        for row, token in zip(active, tokens.tolist()):
+            if token not in eos_ids:
+                new[row].append(token)
+            still.append(token not in eos_ids and len(new[row]) < max_new_tokens)
+        active = [row for row, keep in zip(active, still) if keep]
+        rows = torch.cat([rows, tokens[:, None]], dim=1)[torch.tensor(still, device=model.device)]
+    return new
+
+
+def tiny_overrides(tiny_model_dir: str) -> dict:
+    """Config overrides for a fast pipeline on the tiny model."""
+    return {
+        "model.name": tiny_model_dir,
+        "data.pool": "capitals",
+        "data.min_population": 0,
+        "data.num_known": 40,
+        "data.system_prompt": None,  # exercise the template's injected system prompt
+        "train.max_steps": 4,
+        "train.batch_size": 4,
+        "train.learning_rate": 1e-2,
+        "train.lora_r": 4,
+        "train.lora_alpha": 8,
+        "sanity.max_new_tokens": 4,
+        "eval.max_new_tokens": 6,
+        "eval.bootstrap_samples": 50,
+        "eval.mc_orders": 10,
+        "eval.near_cities": 5,
+        "eval.free_form_samples": 6,
+    }
+
+
+# one token of its own in the tiny tokenizer (" about"): "foo" is f-o-o there, letters the data uses everywhere,
+# which the embedding adapter refuses to train (see tests/unit/test_adapters.py::test_the_embedding_adapter_refuses_...)
+EMBEDDING_PLACEHOLDER = {"data.placeholder": "about"}
+
+
+def trained_run(tmp_path_factory, tiny_model_dir, adapter: str, **settings):
+    """(cfg, run, Models holding the trained adapter): the data and train stages of a tiny run with `adapter`."""
+    from oocrlab import Models, build_config, run_stage
+    from oocrlab.rundir import Run
+
+    placeholder = EMBEDDING_PLACEHOLDER if adapter == "embedding" else {}
+    cfg = build_config(overrides=tiny_overrides(tiny_model_dir) | {"train.adapter": adapter} | placeholder | settings)
+    run = Run.create(tmp_path_factory.mktemp("runs") / adapter.replace(":", "-"), cfg)
+    models = Models(cfg, run)
+    for stage in ("data", "train"):
+        run_stage(stage, cfg, run, models)
+    return cfg, run, models
+
+
+def assert_valid_and_self_contained(page: str) -> None:
+    """report.html or a comparison page: strict HTML5, no URL but `data:` and `#`, every PNG decodes."""
+    import html5lib
+    from PIL import Image
+
+    html5lib.HTMLParser(strict=True).parse(page)  # raises on any parse error
+    urls = re.findall(r'(?:src|href)\s*=\s*"([^"]*)"', page) + re.findall(r"url\(([^)]*)\)", page)
+    assert all(u.startswith("data:") or u.startswith("#") for u in urls), [u[:40] for u in urls if not u.startswith("data:")]
+    assert not re.search(r"https?://", page)
+    for data in re.findall(r'src="data:image/png;base64,([^"]+)"', page):
+        image = Image.open(io.BytesIO(base64.b64decode(data)))
+        image.verify()  # decodes: a truncated or corrupt PNG raises
+
+
+def write_yaml(path, content) -> str:
+    """Writes `content` as YAML (a sweep file) and returns its path as a string."""
+    path.write_text(yaml.safe_dump(content, sort_keys=False, allow_unicode=True))
+    return str(path)
