@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.helpers
-UNTIMED = ("timings", "environment", "seconds")  # wall times and the machine, which differ between any two runs
+UNTIMED = ("timings", "environment", "seconds", "samples_per_second", "tokens_per_second")  # wall times, throughput, the machine
 COMPARED_FILES = ("data/train.jsonl", "data/heldout.jsonl", "eval_distance.jsonl", "eval_mc.jsonl")
 
 
