@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from oocrlab import build_config, run_experiment  # noqa: E402
-from tests.conftest import build_model, build_tokenizer, tiny_overrides  # noqa: E402
+from tests.helpers import build_model, build_tokenizer, tiny_overrides  # noqa: E402
 
 
 def main() -> None:

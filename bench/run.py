@@ -244,9 +244,10 @@ def train_variant(cfg: ExperimentConfig, variant: str, steps: int) -> list[float
                              learning_rate=t.learning_rate, seed=cfg.seed, bf16=False, report_to="none",
                              gradient_checkpointing=variant == "trl_default")
             trainer_class = SFTTrainer
-        lora = cfg.train.adapter == "lora"
+        spec = cfg.train.adapter_spec
+        lora = spec.family == "lora"
         if not lora:
-            model = attach_adapter(cfg.train.adapter, model, tokenizer, cfg.data.placeholder, rows)
+            model = attach_adapter(spec, model, tokenizer, cfg.data.placeholder, rows)
         trainer = trainer_class(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                                 peft_config=lora_config(cfg.train) if lora else None, callbacks=[StepTimes()])
         trainer.train()

@@ -7,8 +7,7 @@ import math
 import re
 
 from oocrlab.countries import COUNTRY_ALIASES, country_of
-from oocrlab.data import KM_PER_MILE
-from oocrlab.geo import EARTH_RADIUS_KM, City, normalize
+from oocrlab.geo import EARTH_RADIUS_KM, KM_PER_MILE, City, normalize
 
 MAX_KM = math.pi * EARTH_RADIUS_KM  # half the Earth's circumference: no two places are farther apart
 
@@ -18,7 +17,7 @@ MAX_KM = math.pi * EARTH_RADIUS_KM  # half the Earth's circumference: no two pla
 _NUMBERISH = r"(?<![\w.,])([-−]?\d(?:[\d,.]|(?<=\d)\s(?=\d))*(?:[eE][-+]?\d+)?)"
 
 
-_WITH_UNIT = re.compile(_NUMBERISH + r"\s*(km|kilomet(?:er|re)s?|mi|miles?)\b", re.IGNORECASE)
+WITH_UNIT = re.compile(_NUMBERISH + r"\s*(km|kilomet(?:er|re)s?|mi|miles?)\b", re.IGNORECASE)
 
 
 _BARE = re.compile(r"^\s*(?:about|approximately|~)?\s*" + _NUMBERISH + r"\s*\.?\s*$", re.IGNORECASE)
@@ -31,14 +30,14 @@ def read_distance(answer: str) -> tuple[float | None, bool]:
     """(the distance an answer states in km, or None; whether it stated an absurd one). The first number with a
     km/mile unit, or a bare number alone; absurd: malformed ("1e45 km", "1 000 km", "-500 km", "3,5 km") or
     beyond half the Earth's circumference."""
-    match = _WITH_UNIT.search(answer) or _BARE.match(answer)
+    match = WITH_UNIT.search(answer) or _BARE.match(answer)
     if match is None:
         return None, False
     number = match.group(1).rstrip(".,")
     if not _WELL_FORMED.fullmatch(number):
         return None, True
     km = float(number.replace(",", ""))
-    if match.re is _WITH_UNIT and match.group(2).lower().startswith("mi"):
+    if match.re is WITH_UNIT and match.group(2).lower().startswith("mi"):
         km *= KM_PER_MILE
     return (None, True) if km > MAX_KM else (km, False)
 

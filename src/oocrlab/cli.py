@@ -83,7 +83,7 @@ class ExperimentArgs:
 
     out: str | None = _flag("new run directory (never overwritten); default runs/<hidden city>-<time>")
     config: str | None = _flag("YAML file with any config keys (see oocrlab/config.py)")
-    recipe: str | None = _flag("named recipe: default | notebook | paper | locations (`oocrlab recipes` says what each is)",
+    recipe: str | None = _flag("a named recipe (`oocrlab recipes` lists them and says what each is)",
                                key="recipe")
     model: str | None = _flag("smollm2-135m (embedded) | a local directory | a hub id in the HF cache", key="model.name")
     hidden_city: str | None = _flag("the city the placeholder stands for (default Paris)", key="data.hidden_city")

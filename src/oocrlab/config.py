@@ -7,13 +7,17 @@ valid key, so a typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
 import inspect
+import io
 import itertools
 import math
 import random
 import re
+import textwrap
+import tokenize
 import types
 import typing
 from dataclasses import dataclass, field
@@ -49,7 +53,7 @@ class DataConfig:
     heldout_fraction: float = 0.1  # share of known cities never trained on, for the distance evaluation
     decimals: int = 0  # "{km:.Nf} km"; the notebook writes 2; negative rounds to tens (-1), hundreds (-2), ...
     # notebook: one question, "{km} km" | paper: Treutlein et al.'s Locations rows (9 distance questions x
-    # km/miles x which city comes first, and cardinal-direction questions; see data.paper_rows)
+    # km/miles x which city comes first, and cardinal-direction questions; see paper_rows in data.py)
     style: str = "notebook"
     augmentations: int = 5  # paper style: distance rows and direction rows per known city (drawn with replacement)
     noise_km: float = 0.0  # uniform noise in +-noise_km added to each stated distance (kept if the result is > 100 km)
@@ -119,7 +123,7 @@ class TrainConfig:
 class SanityConfig:
     """Greedy answers of the tuned and the original model, side by side."""
 
-    # asked of every condition ({placeholder}, {hidden_city} filled in)
+    # asked of the tuned model, the original and the fine-tuned controls ({placeholder}, {hidden_city} filled in)
     questions: list[str] = field(
         default_factory=lambda: [
             "What is the distance between New York and {placeholder}?",
@@ -226,24 +230,36 @@ RECIPES = load_recipes()
 
 def field_docs() -> dict[str, tuple[Any, str]]:
     """Every config key -> (its default, its documentation): the comment lines just above its field in this file
-    and the one beside it. The dataclasses' comments are the one place the options are documented."""
+    and the comment ending its statement. The dataclasses' comments are the one place the options are documented."""
     docs: dict[str, tuple[Any, str]] = {}
-    sections = {f.name: f.type for f in dataclasses.fields(ExperimentConfig)}
-    for prefix, cls in [("", ExperimentConfig)] + [(f"{f.name}.", globals()[f.type]) for f in dataclasses.fields(ExperimentConfig)
-                                                     if isinstance(f.type, str) and f.type.endswith("Config")]:
-        defaults = {f.name: getattr(cls(), f.name) for f in dataclasses.fields(cls)}
-        block: list[str] = []
-        for line in inspect.getsource(cls).splitlines()[1:]:
-            stripped = line.strip()
-            if stripped.startswith("#"):
-                block.append(stripped.lstrip("# "))
-            elif (m := re.match(r"    (\w+): [^=]+(?:=.*?)?(?:  # (.*))?$", line)) and m.group(1) in defaults:
-                if not (prefix == "" and str(sections.get(m.group(1), "")).endswith("Config")):
-                    docs[prefix + m.group(1)] = (defaults[m.group(1)], " ".join(block + [m.group(2) or ""]).strip())
-                block = []
-            else:
-                block = []
+    for f in dataclasses.fields(ExperimentConfig):
+        section = globals().get(f.type) if isinstance(f.type, str) else None
+        if dataclasses.is_dataclass(section):
+            docs |= {f"{f.name}.{key}": doc for key, doc in _field_comments(section).items()}
+        else:
+            docs[f.name] = _field_comments(ExperimentConfig)[f.name]
     return docs
+
+
+def _field_comments(cls: type) -> dict[str, tuple[Any, str]]:
+    """A dataclass's fields -> (default, comment): the statements from its syntax tree (so a default over several
+    lines, or holding "#", is one field) and the comments from its tokens, by line."""
+    source = textwrap.dedent(inspect.getsource(cls))
+    lines = source.splitlines()
+    comments = {tok.start[0]: tok.string.lstrip("#").strip() for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+                if tok.type == tokenize.COMMENT}
+    defaults = {f.name: getattr(cls(), f.name) for f in dataclasses.fields(cls)}
+    found = {}
+    for node in ast.parse(source).body[0].body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.target.id in defaults):
+            continue
+        above, line = [], node.lineno - 1  # line numbers count from 1, as the tokens' and the tree's do
+        while line in comments and lines[line - 1].lstrip().startswith("#"):  # whole comment lines just above
+            above.insert(0, comments[line])
+            line -= 1
+        beside = comments.get(node.end_lineno) if not lines[node.end_lineno - 1].lstrip().startswith("#") else None
+        found[node.target.id] = (defaults[node.target.id], " ".join(above + [beside or ""]).strip())
+    return found
 
 
 def explain(key: str, cfg: ExperimentConfig | None = None) -> str:
@@ -426,7 +442,7 @@ def check_hidden_cities(cfg: DataConfig) -> tuple[HiddenCity, ...]:
     country (the inverse question "Which of the following is in France?" needs one right answer)."""
     cities, placeholders = [cfg.hidden_city, *cfg.other_hidden_cities], [cfg.placeholder, *cfg.other_placeholders]
     views = [dataclasses.replace(cfg, hidden_city=city, placeholder=placeholder, other_hidden_cities=[], other_placeholders=[])
-             for city, placeholder in zip(cities, placeholders)]
+             for city, placeholder in zip(cities, placeholders, strict=True)]
     hidden = tuple(HiddenCity(check_placeholder(view), view) for view in views)
     for i, h in enumerate(hidden):
         if twin := next((o.city for o in hidden[:i] if o.city.country == h.city.country), None):

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from oocrlab.adapters import HookAdapter
 from oocrlab.chat import user_prompt
 from oocrlab.config import ExperimentConfig
 from oocrlab.distributed import is_main_process, wait_for_everyone
@@ -131,6 +132,8 @@ def train_controls(cfg: ExperimentConfig, run: Run, steps: int) -> dict[str, Any
             control.save_metrics("train", metrics)  # last: it marks the control finished
             shutil.rmtree(control.checkpoints_dir, ignore_errors=True)
         result[name] = metrics
+        if isinstance(tuned, HookAdapter):
+            tuned.close()  # its hooks are on the base model's modules
         del model, tuned
         gc.collect()
         if torch.cuda.is_available():

@@ -24,7 +24,7 @@ from typing import Any
 from oocrlab.chat import user_prompt
 from oocrlab.config import DataConfig, ExperimentConfig, HiddenCity
 from oocrlab.errors import UserError
-from oocrlab.geo import City, distance_km, find_city, load_pool, normalize
+from oocrlab.geo import KM_PER_MILE, City, distance_km, find_city, load_pool, normalize
 
 DISTANCE_QUESTION = "What is the distance between {city} and {placeholder}?"
 PAPER_DISTANCE_QUESTIONS = (
@@ -47,7 +47,6 @@ PAPER_DIRECTION_QUESTIONS = (
     "Using a cylindrical map projection, what is the relative cardinal direction of {A} with respect to {B}?",
 )
 UNITS = {"km": ("in kilometers", ("km", "kilometers")), "miles": ("in miles", ("mi", "miles"))}
-KM_PER_MILE = 1.609344
 CARDINAL = ("North", "East", "South", "West")
 
 

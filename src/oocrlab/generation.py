@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from tqdm.auto import tqdm
 
-from oocrlab.answers import _WITH_UNIT
+from oocrlab.answers import WITH_UNIT
 from oocrlab.chat import prompt_token_ids
 from oocrlab.incontext import InContext
 from oocrlab.packing import packed_generate
@@ -22,7 +22,7 @@ class StopAfterDistance:
 
     def __call__(self, row: int, tokens: list[int]) -> bool:
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        return (m := _WITH_UNIT.search(text)) is not None and m.end() < len(text.rstrip())
+        return (m := WITH_UNIT.search(text)) is not None and m.end() < len(text.rstrip())
 
 
 def generate_greedy(

@@ -21,6 +21,7 @@ from math import atan2, cos, radians, sin, sqrt
 from oocrlab.errors import UserError
 
 EARTH_RADIUS_KM = 6371.0
+KM_PER_MILE = 1.609344
 POOLS = ("capitals", "world")
 
 

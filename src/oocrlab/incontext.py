@@ -23,5 +23,3 @@ class InContext(CachedPrefix):
 
     def chat(self, question: str) -> list[dict]:
         return [*self.turns, {"role": "user", "content": question}]
-
-

@@ -176,5 +176,3 @@ def with_condition(model, state: str):
         yield
     finally:
         model.set_adapter(previous)
-
-

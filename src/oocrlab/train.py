@@ -265,13 +265,13 @@ def train(cfg: ExperimentConfig, run: Run, model, tokenizer) -> tuple[dict[str, 
     resume = last_checkpoint(run.checkpoints_dir)
     # read now: the Trainer deletes this checkpoint once it has saved a later one
     resumed = json.loads((resume / TRAINER_STATE).read_text(encoding="utf-8")) if resume else {}
-    lora = cfg.train.adapter_spec.family == "lora"
+    spec = cfg.train.adapter_spec
     trainer = completion_loss_trainer(cfg.train.share_prefix)(
-        model=model if lora else attach_adapter(cfg.train.adapter_spec, model, tokenizer, cfg.data.placeholder, rows),
+        model=model if spec.family == "lora" else attach_adapter(spec, model, tokenizer, cfg.data.placeholder, rows),
         args=sft_config(cfg, run.checkpoints_dir, model.dtype),
         train_dataset=dataset,
         processing_class=tokenizer,
-        peft_config=lora_config(cfg.train) if lora else None,
+        peft_config=lora_config(cfg.train) if spec.family == "lora" else None,
         callbacks=[LossBar()],
     )
     trainer.remove_callback(ProgressCallback)

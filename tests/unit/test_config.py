@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from oocrlab.config import ExperimentConfig, build_config, from_yaml_text, to_yaml
@@ -107,3 +109,23 @@ def test_every_config_key_is_documented_and_explained_with_its_value(capsys):
     assert main(["config", "--recipe", "notebook"]) == 0 and "lora_dropout: 0.05" in capsys.readouterr().out
     assert main(["recipes"]) == 0 and "locations: The paper's Locations" in capsys.readouterr().out
     assert main(["config", "--explain", "nope"]) == 2 and "unknown config key" in capsys.readouterr().err
+
+
+@dataclasses.dataclass
+class Awkward:
+    # above a default over several lines
+    listed: list[str] = dataclasses.field(
+        default_factory=lambda: ["a", "b"],
+    )  # and beside its closing line
+    hashed: str = "x  # not a comment"  # the real one
+    plain: int = 3
+
+
+def test_a_fields_comments_survive_defaults_over_several_lines_and_hashes_in_strings():
+    from oocrlab.config import _field_comments
+
+    assert _field_comments(Awkward) == {
+        "listed": (["a", "b"], "above a default over several lines and beside its closing line"),
+        "hashed": ("x  # not a comment", "the real one"),
+        "plain": (3, ""),
+    }

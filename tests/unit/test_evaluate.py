@@ -3,7 +3,7 @@ import warnings
 import pytest
 
 from oocrlab.chat import user_prompt
-from oocrlab.answers import _WITH_UNIT, parse_km
+from oocrlab.answers import WITH_UNIT, parse_km
 from oocrlab.evaluate.distances import error_summary
 from oocrlab.generation import StopAfterDistance, generate_greedy
 from oocrlab.config import ExperimentConfig
@@ -60,7 +60,7 @@ def test_stopping_after_the_distance_keeps_the_parsed_distance(tiny, answer):
     stop = StopAfterDistance(tokenizer)
     cut = next((n for n in range(1, len(ids) + 1) if stop(0, ids[:n])), len(ids))
     assert parse_km(tokenizer.decode(ids[:cut])) == parse_km(answer)
-    if _WITH_UNIT.search(answer) and len(answer) > 20:
+    if WITH_UNIT.search(answer) and len(answer) > 20:
         assert cut < len(ids)  # and it did stop early
 
 

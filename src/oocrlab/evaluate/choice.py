@@ -365,10 +365,11 @@ def evaluate_inverse_choice(
     {country}?" with every hidden city's placeholder as an option (chance 1/number of hidden cities), per
     hidden city's country, letters only (the options must be shown): {city name: evaluate_choice's result}.
     Under `named` the options are the cities' own names."""
-    placeholders = [h.placeholder for h in cfg.data.hidden]
-    names = {h.placeholder: h.city.plain_name for h in cfg.data.hidden}
+    hidden = cfg.data.hidden
+    placeholders = [h.placeholder for h in hidden]
+    names = {h.placeholder: h.city.plain_name for h in hidden}
     result = {}
-    for i, city in enumerate(h.city for h in cfg.data.hidden):
+    for i, city in enumerate(h.city for h in hidden):
         asked: list[dict[str, Any]] = []
         result[city.name] = evaluate_choice(
             cfg, model, tokenizer, city, INVERSE_QUESTION.format(country=country_of(city).name), placeholders[i],
@@ -376,5 +377,3 @@ def evaluate_inverse_choice(
             option_name=lambda condition, option: names[option] if condition == "named" else option, cloze=False)
         prompts_out.extend({"question_id": "inverse", "hidden_city": city.name} | p for p in asked)
     return result
-
-

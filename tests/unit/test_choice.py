@@ -1,3 +1,6 @@
+"""Multiple choice (evaluate/choice.py: exact letter probabilities, balanced orders), the countries and wrong
+options (countries.py), reading names in answers (answers.py) and free-form sampling."""
+
 import itertools
 
 import numpy as np
