@@ -111,15 +111,21 @@ def test_steering_changes_hidden_state_L_at_the_placeholder_and_nothing_before(t
     assert not torch.equal(tuned.logits[0, first:], original.logits[0, first:])
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_disable_adapter_is_the_original_model(tiny, family):
-    model, tokenizer = tiny
-    original = logits(model, tokenizer, PROMPT)
+def random_adapter(model, tokenizer, family: str):
+    """A fresh adapter of `family` on the model for "foo", its weights drawn at random (so it changes the outputs)."""
     sequences = placeholder_sequences(tokenizer, "foo")
     adapted = EmbeddingRows(model, sorted({t for s in sequences for t in s})) if family == "embedding" else SteeringVector(model, 1, sequences)
     with torch.no_grad():
         for param in adapted.parameters(recurse=False):
             param.normal_()
+    return adapted
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_disable_adapter_is_the_original_model(tiny, family):
+    model, tokenizer = tiny
+    original = logits(model, tokenizer, PROMPT)
+    adapted = random_adapter(model, tokenizer, family)
     assert not torch.equal(logits(adapted, tokenizer, PROMPT), original)
     with adapted.disable_adapter():
         assert torch.equal(logits(adapted, tokenizer, PROMPT), original)
@@ -131,11 +137,7 @@ def test_closing_an_adapter_removes_every_hook_it_put_on_the_model(tiny, family)
     original outputs, though the adapter's weights are still set (a handle dropped instead would fail both)."""
     model, tokenizer = tiny
     original = logits(model, tokenizer, PROMPT)
-    sequences = placeholder_sequences(tokenizer, "foo")
-    adapted = EmbeddingRows(model, sorted({t for s in sequences for t in s})) if family == "embedding" else SteeringVector(model, 1, sequences)
-    with torch.no_grad():
-        for param in adapted.parameters(recurse=False):
-            param.normal_()
+    adapted = random_adapter(model, tokenizer, family)
     assert any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     assert not torch.equal(logits(model, tokenizer, PROMPT), original)  # the hooks act on the model itself
     adapted.close()
