@@ -38,8 +38,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True)
     lines = [
-        "| candidate | train min | steps | held-out MAE km [95% CI] (median) | original MAE (parsed) | constant guess MAE | tuned / best baseline |",
-        "|---|---|---|---|---|---|---|",
+        "| candidate | dtype | train min | steps | held-out MAE km [95% CI] (median) | original MAE (parsed) | constant guess MAE | tuned / best baseline |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name in args.only or list(CANDIDATES):
         recipe, overrides = CANDIDATES[name]
@@ -51,7 +51,7 @@ def main() -> None:
         ci = tuned["mae_km_ci95"] or [float("nan")] * 2
         orig_mae = "—" if orig["mae_km"] is None else f"{orig['mae_km']:.0f}"
         lines.append(
-            f"| {name} | {t['seconds'] / 60:.1f} | {t['steps']} | {tuned['mae_km']:.0f} [{ci[0]:.0f}, {ci[1]:.0f}] "
+            f"| {name} | {t['dtype']} | {t['seconds'] / 60:.1f} | {t['steps']} | {tuned['mae_km']:.0f} [{ci[0]:.0f}, {ci[1]:.0f}] "
             f"({tuned['median_ae_km']:.0f}); {tuned['n_parsed']}/{tuned['n']} parsed | {orig_mae} ({orig['n_parsed']}/{orig['n']}) "
             f"| {const['mae_km']:.0f} | {d.get('tuned_mae_over_best_baseline', float('nan')):.2f} |"
         )

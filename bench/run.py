@@ -1,34 +1,42 @@
-"""Speed benchmark: oocrlab's stages against the straightforward way, side by side in one process.
+"""Speed benchmark: oocrlab's stages against the straightforward way, side by side in one invocation.
 
 Usage (from the repository root, nothing else running: timings on 2 cores are easily disturbed):
     .venv/bin/python bench/run.py                       # every section; writes bench/results.json
-    .venv/bin/python bench/run.py --only probe mc       # some sections; other keys in results.json stay
-    .venv/bin/python bench/run.py --only probe --repeats 5
+    .venv/bin/python bench/run.py --only probe mc       # some sections; other sections' keys in results.json stay
+    .venv/bin/python bench/run.py --only train --repeats 5
 
-Sections:
-    load   cached safetensors load of the embedded model vs the GGUF load (dequantize + tokenizer conversion)
+Sections (run in this order):
+    peaks  the CPU's (or GPU's) matmul rate in fp32 and bf16, in a fresh process before anything else: the best
+           over square sizes 256-3072 and repeats; what the utilizations below are divided by
+    load   the cached safetensors load of the embedded model vs the GGUF load (dequantize + tokenizer
+           conversion), each in a fresh process, as a first `oocrlab run` pays it
     probe  cos(placeholder, hidden city) per layer, hidden states and values, tuned and original, over the
            probe templates: oocrlab's packed forward vs the notebook's loop (get_sim / get_value_sim: two
-           forward passes per layer per model); the same numbers, compared
+           forward passes per layer per model) and vs one forward pass per prompt (the loop's obvious fix)
     mc     multiple choice, all 120 option orders of one question, tuned + original + in-context: exact
            scoring from packed next-token logits vs sampling N answers per prompt (as the paper's code)
-    train  training steps of the notebook recipe (same data, steps and LoRA) through (a) TRL's SFTTrainer
-           defaults (gradient checkpointing on), (b) the same without checkpointing, (c) oocrlab's trainer,
-           (d) oocrlab's trainer with train.share_prefix off (padded rows); interleaved rounds, median step
-           times; FLOPs utilization against a matmul micro-benchmark (counting the work a LoRA step needs,
-           see bench_train)
+    train  training steps of the default recipe (same data, steps and LoRA): oocrlab's trainer in fp32 and in
+           the default dtype (bf16 where the CPU has it), TRL 1.16's SFTTrainer defaults (gradient
+           checkpointing on) and without checkpointing in both dtypes, and oocrlab's with train.share_prefix
+           off; interleaved rounds, median step times; useful-work utilization (see bench_train) against the
+           peak of the dtype each ran in
     adapters  a training step of each adapter family (lora, embedding, steering at the middle layer; oocrlab's
            trainer, default recipe, the same batches), interleaved rounds, median step times; and, on those
            batches, the frozen model's forward + backward down to the embeddings with no weight gradient
            (the least any adapter's step can cost): the embedding and steering steps should cost no more
-    run    the whole `oocrlab run` (default recipe) in a fresh process: wall time and peak RSS
+    neighbours  the training step in a fresh process alone, beside a busy single-threaded process, and beside a
+           second such training (both timed), with oocrlab's thread choice and OpenMP's default wait policy
+    run    the whole default run as `make run` does it (`oocrlab run`, fresh process): wall time and peak RSS
 
-The tuned model is the embedded model with a seeded random LoRA (the default recipe's shape, B not
-zero), so no training run is needed and the numbers do not depend on one. Medians over --repeats;
-the slow baselines (minutes each) are timed once.
+Each section's keys are replaced when it runs again; results.json records the commit and date of each.
+The tuned model of probe and mc is the embedded model with a seeded random LoRA (the default recipe's
+shape, B not zero), so no training run is needed. Medians over --repeats; the minutes-long baselines are
+timed once.
 """
 
 from __future__ import annotations
+
+import oocrlab  # noqa: F401, I001  first: it sets OpenMP's wait policy before torch loads (oocrlab.threads)
 
 import argparse
 import itertools
@@ -62,14 +70,15 @@ from oocrlab.evaluate.choice import (
 )
 from oocrlab.evaluate.free_form import sample_answers
 from oocrlab.incontext import InContext
-from oocrlab.models import embedded_gguf, load_model, with_condition
+from oocrlab.models import embedded_gguf, load_model, pick_device, pick_dtype, with_condition
 from oocrlab.packing import last_token_activations, prefix_tree_batch
 from oocrlab.probe import locate_in_template, probe_setup
 from oocrlab.provenance import hardware, versions
 from oocrlab.train import lora_config
 
 RESULTS = Path(__file__).with_name("results.json")
-SECTIONS = ["load", "probe", "mc", "train", "adapters", "run"]
+SECTIONS = ["peaks", "load", "probe", "mc", "train", "adapters", "neighbours", "run"]
+DTYPES = ("float32", "bfloat16")
 
 
 def median_seconds(fn, repeats: int) -> tuple[float, object]:
@@ -97,15 +106,26 @@ def tuned_model(cfg: ExperimentConfig):
     return model, tokenizer
 
 
+def fresh_process(code: str, env: dict | None = None) -> str:
+    """The last line `code` prints, run by this Python in a new process (nothing cached or warmed up by this one)."""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        raise RuntimeError(result.stderr[-3000:])
+    return result.stdout.strip().splitlines()[-1]
+
+
 def bench_load(cfg: ExperimentConfig, repeats: int) -> dict:
+    """Both loads in fresh processes, as a first `oocrlab run` pays them (median over repeats of the cached one)."""
     load_model(cfg.model)  # make sure the cache exists
-    cached, _ = median_seconds(lambda: load_model(cfg.model), repeats)
-    # the GGUF load in a fresh process, as a first run pays it (transformers caches nothing across processes)
     gguf = embedded_gguf(cfg.model.name)
-    code = ("import time; from transformers import AutoModelForCausalLM, AutoTokenizer; t = time.perf_counter(); "
-            f"AutoTokenizer.from_pretrained({str(gguf.parent)!r}, gguf_file={gguf.name!r}); "
-            f"AutoModelForCausalLM.from_pretrained({str(gguf.parent)!r}, gguf_file={gguf.name!r}); print(time.perf_counter() - t)")
-    gguf_seconds = float(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split()[-1])
+    cached = statistics.median(float(fresh_process(
+        "import oocrlab, time; from oocrlab.config import ModelConfig; from oocrlab.models import load_model; "
+        "t = time.perf_counter(); load_model(ModelConfig()); print(time.perf_counter() - t)"))
+        for _ in range(repeats))
+    gguf_seconds = float(fresh_process(
+        "import time; from transformers import AutoModelForCausalLM, AutoTokenizer; t = time.perf_counter(); "
+        f"AutoTokenizer.from_pretrained({str(gguf.parent)!r}, gguf_file={gguf.name!r}); "
+        f"AutoModelForCausalLM.from_pretrained({str(gguf.parent)!r}, gguf_file={gguf.name!r}); print(time.perf_counter() - t)"))
     return {"load_seconds_cached": cached, "load_seconds_gguf": gguf_seconds, "load_speedup": gguf_seconds / cached}
 
 
@@ -132,6 +152,22 @@ def notebook_similarities(model, located: list[tuple]) -> np.ndarray:
     return np.array(sims)
 
 
+def one_pass_similarities(model, located: list[tuple]) -> np.ndarray:
+    """The notebook's loop fixed the obvious way: one forward pass per prompt, every layer read from it."""
+    sims = []
+    for placeholder, city in located:
+        with torch.no_grad():
+            out1 = model(input_ids=torch.tensor([placeholder.ids]), output_hidden_states=True, use_cache=True)
+            out2 = model(input_ids=torch.tensor([city.ids]), output_hidden_states=True, use_cache=True)
+        i, j = placeholder.token_indices[-1], city.token_indices[-1]
+        row = [F.cosine_similarity(h1[0][i].float(), h2[0][j].float(), dim=0).item()
+               for h1, h2 in zip(out1.hidden_states, out2.hidden_states)]
+        row += [F.cosine_similarity(l1.values[0, :, i, :].flatten().float(), l2.values[0, :, j, :].flatten().float(), dim=0).item()
+                for l1, l2 in zip(out1.cache.layers, out2.cache.layers)]
+        sims.append(row)
+    return np.array(sims)
+
+
 def packed_similarities(model, located: list[tuple]) -> np.ndarray:
     """oocrlab's way: every prompt cut after its entity, all in one packed forward pass."""
     prompts = [loc.up_to_entity() for pair in located for loc in pair]
@@ -148,7 +184,9 @@ def bench_probe(cfg: ExperimentConfig, repeats: int) -> dict:
     located = [tuple(locate_in_template(cfg, tokenizer, t, e) for e in (cfg.data.placeholder, hidden.plain_name))
                for t in templates]
     result, diffs = {}, []
-    for name, fn, times in (("notebook", notebook_similarities, 1), ("packed", packed_similarities, repeats)):
+    variants = (("notebook", notebook_similarities, 1), ("one_pass", one_pass_similarities, repeats),
+                ("packed", packed_similarities, repeats))
+    for name, fn, times in variants:
         seconds, sims = 0.0, {}
         for condition in ("tuned", "original"):
             with with_condition(model, condition), torch.inference_mode():
@@ -156,13 +194,16 @@ def bench_probe(cfg: ExperimentConfig, repeats: int) -> dict:
             seconds += s
         result[name] = (seconds, sims)
     for condition in ("tuned", "original"):
-        diffs.append(np.abs(result["notebook"][1][condition] - result["packed"][1][condition]).max())
+        diffs += [np.abs(result[name][1][condition] - result["packed"][1][condition]).max() for name in ("notebook", "one_pass")]
     return {
         "probe_prompts": 2 * len(templates),
+        "probe_dtype": str(model.dtype).removeprefix("torch."),
         "probe_seconds_notebook": result["notebook"][0],
+        "probe_seconds_one_pass_per_prompt": result["one_pass"][0],
         "probe_seconds_packed": result["packed"][0],
         "probe_speedup_vs_notebook": result["notebook"][0] / result["packed"][0],
-        "probe_max_abs_diff": float(max(diffs)),
+        "probe_speedup_vs_one_pass_per_prompt": result["one_pass"][0] / result["packed"][0],
+        "probe_max_abs_diff": float(max(diffs)),  # of the cosines, packed vs both loops, in probe_dtype
     }
 
 
@@ -204,13 +245,28 @@ def bench_mc(cfg: ExperimentConfig, repeats: int, samples: int) -> dict:
                   "mc_speedup_vs_sampling": sampled_total / exact_total}
 
 
-def matmul_gflops(device: torch.device, dtype: torch.dtype, repeats: int = 10, n: int = 2048) -> float:
-    """The device's matmul throughput in the dtype training uses (fp32 on a CPU): median over repeats of an
-    n x n product."""
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    seconds, _ = median_seconds(lambda: a @ b, repeats)
-    return 2 * n**3 / seconds / 1e9
+PEAK_SIZES = (256, 512, 1024, 1536, 2048, 3072)
+
+
+def peak_gflops(dtype: str, repeats: int = 10) -> float:
+    """The best matmul rate (GFLOP/s) over square sizes and repeats, in this process on its device."""
+    device, best = pick_device(), 0.0
+    for n in PEAK_SIZES:
+        a, b = (torch.randn(n, n, device=device, dtype=getattr(torch, dtype)) for _ in range(2))
+        for _ in range(3):  # warm-up: the first products of a size are slower
+            a @ b
+        for _ in range(repeats):
+            seconds, _ = median_seconds(lambda a=a, b=b: a @ b, 1)
+            best = max(best, 2 * n**3 / seconds / 1e9)
+    return best
+
+
+def bench_peaks() -> dict:
+    """Each dtype's peak in its own fresh process, before any other section has run in this invocation."""
+    out = {f"peak_gflops_{dtype}": float(fresh_process(
+        f"import oocrlab, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from run import peak_gflops; "
+        f"from oocrlab.threads import pick_threads; pick_threads(); print(peak_gflops({dtype!r}))")) for dtype in DTYPES}
+    return out | {"peak_sizes": list(PEAK_SIZES), "peak_bf16_over_fp32": out["peak_gflops_bfloat16"] / out["peak_gflops_float32"]}
 
 
 def train_variant(cfg: ExperimentConfig, variant: str, steps: int) -> list[float]:
@@ -238,10 +294,11 @@ def train_variant(cfg: ExperimentConfig, variant: str, steps: int) -> list[float
         if variant.startswith("ours"):
             args, trainer_class = sft_config(cfg, scratch, model.dtype), completion_loss_trainer(variant == "ours")
             args.max_steps = steps
-        else:  # TRL's defaults, but for what a CPU needs (bf16 off) and the recipe's own settings
+        else:  # TRL's defaults, but for what a CPU needs (its bf16 autocast is GPU-only) and the recipe's own settings
             t = cfg.train
             args = SFTConfig(output_dir=scratch, max_steps=steps, per_device_train_batch_size=t.batch_size,
-                             learning_rate=t.learning_rate, seed=cfg.seed, bf16=False, report_to="none",
+                             learning_rate=t.learning_rate, seed=cfg.seed, report_to="none",
+                             bf16=model.dtype == torch.bfloat16 and torch.cuda.is_available(),
                              gradient_checkpointing=variant == "trl_default")
             trainer_class = SFTTrainer
         spec = cfg.train.adapter_spec
@@ -255,44 +312,49 @@ def train_variant(cfg: ExperimentConfig, variant: str, steps: int) -> list[float
     return times, batches
 
 
-def bench_train(cfg: ExperimentConfig, repeats: int, steps: int) -> dict:
-    """Interleaved rounds of the three trainers; the first two steps of each run are warm-up, left out."""
-    variants = ("trl_default", "trl_no_checkpointing", "ours_padded", "ours")
-    step_times: dict[str, list[float]] = {v: [] for v in variants}
+def bench_train(repeats: int, steps: int, peaks: dict) -> dict:
+    """Interleaved rounds of the trainers in both dtypes (the first two steps of each run are warm-up, left out);
+    `peaks` is the peaks section's result, measured first in this invocation."""
+    default = str(pick_dtype(build_config().model, pick_device())).removeprefix("torch.")
+    variants = [("trl_default", d) for d in DTYPES] + [("trl_no_checkpointing", d) for d in DTYPES] + [
+        ("ours_padded", default)] + [("ours", d) for d in DTYPES]
+    step_times: dict[tuple[str, str], list[float]] = {v: [] for v in variants}
     for _ in range(repeats):
-        for variant in variants:
-            times, batches = train_variant(cfg, variant, steps)
-            step_times[variant] += times[2:]
+        for variant, dtype in variants:
+            times, batches = train_variant(build_config(overrides={"model.dtype": dtype}), variant, steps)
+            step_times[variant, dtype] += times[2:]
     median = {v: statistics.median(t) for v, t in step_times.items()}
     measured = batches[2:]  # batches of the same data (a fresh loader: the mean, not the very same steps)
     tokens = np.mean([int(b["attention_mask"].sum()) for b in measured])
     tree_tokens = np.mean([prefix_tree_batch(b["input_ids"], b["attention_mask"], b["labels"], torch.float32)[0]["input_ids"].shape[1]
                            for b in measured])
     completion = np.mean([int((b["labels"] != -100).sum()) for b in measured])
-    model, _ = tuned_model(cfg)
+    model, _ = tuned_model(build_config())
     head = model.get_output_embeddings().weight.numel()
     body = sum(m.weight.numel() for n, m in model.named_modules() if n.endswith("base_layer")) or 0
     body += sum(m.weight.numel() for n, m in model.named_modules()
                 if isinstance(m, torch.nn.Linear) and "lora_" not in n and not n.endswith("base_layer")) - head
     lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    peak = matmul_gflops(model.device, model.dtype)
-    # the multiply-adds a LoRA step cannot avoid: forward and input gradients through every linear layer for
-    # every distinct token of the batch's prefix tree (a token its samples share is needed once), the LoRA
-    # weight gradients, and the LM head where a loss is taken; no credit for padding, for shared tokens run
-    # once per sample, for the LM head elsewhere, or for recomputation under gradient checkpointing
+    # Useful work: the multiply-adds a LoRA step cannot avoid: forward and input gradients through every linear
+    # layer for every distinct token of the batch's prefix tree (a token its samples share is needed once), the
+    # LoRA weight gradients, and the LM head where a loss is taken; no credit for padding, for shared tokens run
+    # once per sample, for the LM head elsewhere, for attention, or for recomputation under gradient checkpointing
     flops_per_step = (4 * body + 6 * lora) * tree_tokens + 4 * head * completion
-    out = {"train_recipe": "notebook", "train_tokens_per_step": float(tokens), "train_tree_tokens_per_step": float(tree_tokens),
-           "train_completion_tokens_per_step": float(completion), "matmul_gflops": peak}
-    for v in variants:
-        out[f"train_seconds_per_step_{v}"] = median[v]
-        out[f"train_completion_tokens_per_second_{v}"] = completion / median[v]
-        out[f"train_samples_per_second_{v}"] = cfg.train.batch_size / median[v]
-        out[f"train_mfu_{v}"] = flops_per_step / median[v] / (peak * 1e9)
+    out = {"train_recipe": "default", "train_dtype_default": default, "train_tokens_per_step": float(tokens),
+           "train_tree_tokens_per_step": float(tree_tokens), "train_completion_tokens_per_step": float(completion),
+           "train_useful_gflop_per_step": flops_per_step / 1e9}
+    for (variant, dtype), seconds in median.items():
+        key = "ours" if variant == "ours" else variant
+        out[f"train_seconds_per_step_{key}_{dtype}"] = seconds
+        out[f"train_samples_per_second_{key}_{dtype}"] = build_config().train.batch_size / seconds
+        utilization = flops_per_step / seconds / (peaks[f"peak_gflops_{dtype}"] * 1e9)
+        out[f"train_useful_work_utilization{'' if variant == 'ours' else '_' + variant}_{dtype}"] = utilization
     return out | {
-        "train_speedup_vs_trl_default": median["trl_default"] / median["ours"],
-        "train_speedup_vs_trl_no_checkpointing": median["trl_no_checkpointing"] / median["ours"],
-        "train_speedup_of_share_prefix": median["ours_padded"] / median["ours"],
-        "train_mfu": out["train_mfu_ours"],
+        "train_speedup_bf16_vs_fp32": median["ours", "float32"] / median["ours", "bfloat16"],
+        "train_speedup_vs_trl_default": median["trl_default", default] / median["ours", default],
+        "train_speedup_vs_trl_no_checkpointing": median["trl_no_checkpointing", default] / median["ours", default],
+        "train_speedup_vs_trl_default_float32": median["trl_default", "float32"] / median["ours", "float32"],
+        "train_speedup_of_share_prefix": median["ours_padded", default] / median["ours", default],
     }
 
 
@@ -329,11 +391,59 @@ def bench_adapters(repeats: int, steps: int) -> dict:
     return out
 
 
+STEP_WORKER = ("import oocrlab, statistics, sys; sys.path.insert(0, {bench!r}); from run import train_variant; "
+               "from oocrlab import build_config; from oocrlab.threads import pick_threads; {pick}"
+               "times, _ = train_variant(build_config(), 'ours', {steps}); print(statistics.median(times[2:]))")
+# OpenMP's default: libgomp's own spin count (what OMP_WAIT_POLICY unset means) and torch's thread count
+POLICIES = {"oocrlab": ({}, "pick_threads(); "), "openmp_default": ({"GOMP_SPINCOUNT": "300000"}, "")}
+
+
+def step_workers(policy: str, steps: int, count: int, busy: bool) -> list[float]:
+    """Median step times of `count` default-recipe trainings started at once in fresh processes, beside a
+    busy single-threaded loop when `busy`."""
+    env, pick = POLICIES[policy]
+    code = STEP_WORKER.format(bench=str(Path(__file__).parent), pick=pick, steps=steps)
+    loop = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
+    try:
+        time.sleep(1 if busy else 0)  # the loop is running before the training looks at the load
+        workers = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    env=os.environ | env) for _ in range(count)]
+        results = [w.communicate() for w in workers]
+    finally:
+        if loop:
+            loop.kill()
+            loop.wait()
+    if bad := [err for w, (_, err) in zip(workers, results) if w.returncode]:
+        raise RuntimeError(bad[0][-3000:])
+    return [float(out.strip().splitlines()[-1]) for out, _ in results]
+
+
+def bench_neighbours(rounds: int, steps: int) -> dict:
+    """The default recipe's training step alone, beside a busy single-threaded process and beside a second such
+    training (the mean of the two), per thread policy; interleaved rounds, medians over them."""
+    cases = {"alone": (1, False), "beside_busy_process": (1, True), "beside_second_run": (2, False)}
+    seconds: dict[tuple[str, str], list[float]] = {(p, c): [] for p in POLICIES for c in cases}
+    for _ in range(rounds):
+        for policy in POLICIES:
+            for case, (count, busy) in cases.items():
+                seconds[policy, case].append(statistics.mean(step_workers(policy, steps, count, busy)))
+    out = {}
+    for policy in POLICIES:
+        suffix = "" if policy == "oocrlab" else f"_{policy}"
+        alone = statistics.median(seconds[policy, "alone"])
+        out[f"train_seconds_per_step_alone{suffix}"] = alone
+        for case in ("beside_busy_process", "beside_second_run"):
+            out[f"train_seconds_per_step_{case}{suffix}"] = statistics.median(seconds[policy, case])
+            out[f"train_slowdown_{case}{suffix}"] = out[f"train_seconds_per_step_{case}{suffix}"] / alone
+    return out
+
+
 def bench_run() -> dict:
-    """`oocrlab run` with the default recipe in a fresh process, timed by GNU time (wall and peak RSS)."""
+    """The whole default run as `make run` does it (the console script, a fresh process), timed by GNU time
+    (wall and peak RSS)."""
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch) / "run"
-        command = ["/usr/bin/time", "-f", "%e %M", sys.executable, "-m", "oocrlab.cli", "run", "--out", str(out)]
+        command = ["/usr/bin/time", "-f", "%e %M", str(Path(sys.executable).with_name("oocrlab")), "run", "--out", str(out)]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(result.stderr[-3000:])
@@ -341,7 +451,16 @@ def bench_run() -> dict:
         metrics = json.loads((out / "metrics.json").read_text())
     return {"run_wall_seconds": float(wall), "run_peak_rss_gb": int(rss_kb) / 2**20} | {
         f"run_seconds_{stage}": seconds for stage, seconds in metrics["timings"].items()} | {
-        f"run_seconds_eval_{part}": seconds for part, seconds in metrics["eval"].get("seconds", {}).items()}
+        f"run_seconds_eval_{part}": seconds for part, seconds in metrics["eval"].get("seconds", {}).items()} | {
+        "run_dtype": metrics["train"]["dtype"], "run_verdicts": {k: v["answer"] for k, v in metrics.get("verdict", {}).items()}}
+
+
+def commit() -> str:
+    """The checked-out commit, marked +dirty when the working tree differs from it."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+
+    return git("rev-parse", "HEAD") + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def main() -> None:
@@ -349,32 +468,46 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", choices=SECTIONS, help="sections to run (default: all)")
     parser.add_argument("--train-steps", type=int, default=10, help="optimizer steps per training run (2 are warm-up)")
     parser.add_argument("--repeats", type=int, default=3, help="repeats per timing (the median is kept)")
+    parser.add_argument("--neighbour-rounds", type=int, default=1, help="rounds of the neighbours section (minutes each)")
     parser.add_argument("--mc-samples", type=int, default=10, help="answers sampled per prompt by the sampling baseline")
     args = parser.parse_args()
     cfg = build_config()
-    sections = args.only or SECTIONS
+    sections = [s for s in SECTIONS if s in (args.only or SECTIONS)]
+    if {"train"} & set(sections) and "peaks" not in sections:
+        sections.insert(0, "peaks")  # utilizations divide by peaks measured in the same invocation
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     results["machine"] = f"{hardware()}; torch {versions()['torch']}"
+    records = results.setdefault("sections", {})
+    peaks: dict = {}
     for section in sections:
         print(f"== {section}", flush=True)
-        if section == "load":
-            results |= bench_load(cfg, args.repeats)
+        if section == "peaks":
+            found = peaks = bench_peaks()
+        elif section == "load":
+            found = bench_load(cfg, args.repeats)
         elif section == "probe":
-            results |= bench_probe(cfg, args.repeats)
+            found = bench_probe(cfg, args.repeats)
         elif section == "mc":
-            results |= bench_mc(cfg, args.repeats, args.mc_samples)
+            found = bench_mc(cfg, args.repeats, args.mc_samples)
         elif section == "train":
-            results |= bench_train(build_config(recipe="notebook"), args.repeats, args.train_steps)
+            found = bench_train(args.repeats, args.train_steps, peaks)
         elif section == "adapters":
-            results |= bench_adapters(args.repeats, args.train_steps)
-        elif section == "run":
-            results |= bench_run()
+            found = bench_adapters(args.repeats, args.train_steps)
+        elif section == "neighbours":
+            found = bench_neighbours(args.neighbour_rounds, args.train_steps)
+        else:
+            found = bench_run()
+        for key in records.get(section, {}).get("keys", []):  # the section's earlier figures, all replaced
+            results.pop(key, None)
+        results |= found
+        records[section] = {"commit": commit(), "date": time.strftime("%Y-%m-%d %H:%M %Z"), "keys": list(found)}
         with tempfile.NamedTemporaryFile("w", dir=RESULTS.parent, delete=False) as f:
             json.dump(results, f, indent=2)
         os.replace(f.name, RESULTS)
     width = max(map(len, results))
     for key, value in results.items():
-        print(f"{key:<{width}}  {value:.4g}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+        if key != "sections":
+            print(f"{key:<{width}}  {value:.4g}" if isinstance(value, float) else f"{key:<{width}}  {value}")
 
 
 if __name__ == "__main__":

@@ -33,11 +33,11 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture()
 def tiny(tiny_model_dir):
-    """(model, tokenizer) freshly loaded through oocrlab's own loader."""
+    """(model, tokenizer) freshly loaded through oocrlab's own loader, in float32 (tests compare to 1e-5)."""
     from oocrlab.config import ModelConfig
     from oocrlab.models import load_model
 
-    return load_model(ModelConfig(name=tiny_model_dir))
+    return load_model(ModelConfig(name=tiny_model_dir, dtype="float32"))
 
 
 @pytest.fixture(scope="session")
@@ -54,11 +54,11 @@ def contextual_model_dir(tmp_path_factory):
 
 @pytest.fixture()
 def contextual(contextual_model_dir):
-    """(model, tokenizer) of the contextual model, freshly loaded through oocrlab's own loader."""
+    """(model, tokenizer) of the contextual model, freshly loaded through oocrlab's own loader, in float32."""
     from oocrlab.config import ModelConfig
     from oocrlab.models import load_model
 
-    return load_model(ModelConfig(name=contextual_model_dir))
+    return load_model(ModelConfig(name=contextual_model_dir, dtype="float32"))
 
 
 @pytest.fixture(scope="session")

@@ -106,9 +106,11 @@ def sample_side_by_side(model, prompt: list[int], n: int, max_new_tokens: int, g
 
 
 def tiny_overrides(tiny_model_dir: str) -> dict:
-    """Config overrides for a fast pipeline on the tiny model."""
+    """Config overrides for a fast pipeline on the tiny model, in float32: the tests compare computations to 1e-5
+    and weights bitwise (bf16: tests/unit/test_precision.py)."""
     return {
         "model.name": tiny_model_dir,
+        "model.dtype": "float32",
         "data.pool": "capitals",
         "data.min_population": 0,
         "data.num_known": 40,

@@ -14,6 +14,8 @@ Usage:
     oocrlab run --out runs/lr --set train.learning_rate=1e-3 --set data.num_known=1000
     # continue an interrupted run (training from its last checkpoint, then every stage not yet finished):
     oocrlab run --resume runs/paris
+    # torch threads: by default the cores other processes leave idle at start; or say how many
+    oocrlab run --out runs/paris --threads 1
     # a bigger model from the local Hugging Face cache, on a GPU:
     oocrlab run --out runs/llama --model meta-llama/Meta-Llama-3-8B-Instruct
 
@@ -102,6 +104,7 @@ class ExperimentArgs:
     set: list[str] = _flag("any config key: SECTION.KEY=VALUE (repeatable; `oocrlab config --explain KEY` documents it)",
                            default_factory=list, action="append")
     resume: str | None = _flag("(run only) continue this interrupted run directory under its own config.yaml")
+    threads: int | None = _flag("torch threads (default: the cores other processes leave idle at start)")
 
 
 @dataclass
@@ -124,6 +127,7 @@ class StageArgs:
     """Arguments of the stage sub-commands: an existing run directory (its config.yaml governs)."""
 
     run: str = _flag("the run directory", positional=True)
+    threads: int | None = _flag("torch threads (default: the cores other processes leave idle at start)")
 
 
 @dataclass
@@ -132,6 +136,7 @@ class SweepArgs:
 
     config: str = _flag("the sweep YAML: out, set (keys for every run) and grid (key -> list of values)", positional=True)
     out: str | None = _flag("directory of the sweep's runs (overrides the YAML's out)")
+    threads: int | None = _flag("torch threads (default: the cores other processes leave idle at start)")
 
 
 @dataclass
@@ -315,10 +320,20 @@ def dispatch(command: str, args) -> int:
         run_stages,
     )
     from oocrlab.rundir import Run
+    from oocrlab.threads import pick_threads
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()  # sub-second loads; our own bars show the long work
     datasets.disable_progress_bars()
+    if isinstance(args, CompareArgs):  # reads metrics.json files only
+        from oocrlab.compare import compare_runs
+
+        print(compare_runs(args.runs, args.out or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}.html"))
+        return 0
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads {args.threads}: give a count of 1 or more")
+    if note := pick_threads(args.threads):
+        print(f"[oocrlab] {note}", file=sys.stderr, flush=True)
     if isinstance(args, SweepArgs):
         from oocrlab.sweep import read_sweep, run_sweep
 
@@ -331,14 +346,9 @@ def dispatch(command: str, args) -> int:
             raise UserError(f"{len(summary['failed'])} of {len(summary['runs'])} runs failed (see sweep.json): "
                             + "; ".join(f"{name}: {why}" for name, why in summary["failed"].items()))
         return 0
-    if isinstance(args, CompareArgs):
-        from oocrlab.compare import compare_runs
-
-        print(compare_runs(args.runs, args.out or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}.html"))
-        return 0
     if isinstance(args, ExperimentArgs) and args.resume is not None:
         given = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(args)
-                 if f.name != "resume" and getattr(args, f.name) not in (None, [])]
+                 if f.name not in ("resume", "threads") and getattr(args, f.name) not in (None, [])]
         if command != "run" or given:
             raise UserError("--resume continues a run under its own config.yaml: use it alone with `oocrlab run`"
                             + (f" (drop {', '.join(given)})" if given else ""))

@@ -97,14 +97,22 @@ def pick_device() -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (avx512_bf16 or AMX): there a bf16 matmul runs ~2.4x an fp32 one
+    (docs/speed.md); elsewhere bf16 is emulated and slower than fp32."""
+    capabilities = torch.cpu.get_capabilities()
+    return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+
+
 def pick_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    """The frozen weights' dtype: model.dtype, or for `auto` bf16 where the device computes it natively, else fp32.
+    An adapter's trainable parameters stay fp32 whatever this is (see half_precision)."""
     if cfg.dtype != "auto":
         if device.type == "cpu" and cfg.dtype == "float16":
             raise UserError("model.dtype float16 is not supported for training on a CPU: use float32 or bfloat16")
         return getattr(torch, cfg.dtype)
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
+    native = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_bf16()
+    return torch.bfloat16 if native else torch.float32
 
 
 def quantization_config(cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
@@ -149,6 +157,9 @@ def load_model(cfg: ModelConfig):
         model = AutoModelForCausalLM.from_pretrained(
             path,
             dtype=dtype,
+            # PyTorch's CPU flash attention runs its bf16 backward at ~3x its fp32 time (130 vs 50 ms of a ~1 s
+            # training step here, docs/speed.md); the plain matmul-softmax attention has no such penalty
+            attn_implementation="eager" if device.type == "cpu" and dtype != torch.float32 else None,
             quantization_config=quant,
             device_map={"": device.index} if device.type == "cuda" else None,
             use_safetensors=None if cfg.allow_pickle else True,  # pickle can run code on load
@@ -163,16 +174,34 @@ def load_model(cfg: ModelConfig):
 
 
 @contextlib.contextmanager
+def half_precision(model):
+    """Forward passes of a model whose frozen weights are bf16 or fp16 while its adapter's parameters stay fp32
+    (AdamW's steps at a 1e-3 learning rate are below bf16's resolution): under autocast, so that the adapter's
+    matmuls also run in the weights' dtype, and without PEFT casting each LoRA input up to fp32 and back. A
+    float32 model runs as it is."""
+    dtype = model.dtype  # the frozen weights' (PEFT and adapters.HookAdapter report the base model's)
+    if dtype == torch.float32:
+        yield
+        return
+    from peft.helpers import disable_input_dtype_casting
+
+    with torch.autocast(model.device.type, dtype=dtype), disable_input_dtype_casting(model):
+        yield
+
+
+@contextlib.contextmanager
 def with_condition(model, state: str):
     """Context in which the one adapted model in memory acts as the tuned model ("tuned"), the original
-    ("original": every adapter off) or a fine-tuned control (its name: that adapter alone on)."""
+    ("original": every adapter off) or a fine-tuned control (its name: that adapter alone on), in the model's
+    precision (half_precision)."""
     if state == "original":
-        with model.disable_adapter():
+        with model.disable_adapter(), half_precision(model):
             yield
         return
     previous = model.active_adapter
     model.set_adapter("default" if state == "tuned" else state)  # PEFT's name for the first adapter loaded
     try:
-        yield
+        with half_precision(model):
+            yield
     finally:
         model.set_adapter(previous)

@@ -34,6 +34,7 @@ from oocrlab.adapters import (
 from oocrlab.config import ExperimentConfig, TrainConfig
 from oocrlab.distributed import is_main_process, wait_for_everyone
 from oocrlab.errors import UserError
+from oocrlab.models import half_precision
 from oocrlab.packing import prefix_tree_batch
 from oocrlab.rundir import Run, read_jsonl, write_jsonl
 
@@ -72,7 +73,8 @@ def sft_config(cfg: ExperimentConfig, output_dir: str | Path, model_dtype: torch
         weight_decay=t.weight_decay,
         max_length=t.max_length,
         completion_only_loss=True,
-        bf16=model_dtype == torch.bfloat16,
+        # a GPU's mixed precision through accelerate; a CPU's is CompletionLoss's own autocast (models.half_precision)
+        bf16=model_dtype == torch.bfloat16 and torch.cuda.is_available(),
         fp16=model_dtype == torch.float16,
         gradient_checkpointing=False,
         logging_steps=1,
@@ -113,6 +115,10 @@ def completion_loss_trainer(share_prefix: bool):
         """
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            with half_precision(self.accelerator.unwrap_model(model)):
+                return self._completion_loss(model, inputs, return_outputs, num_items_in_batch)
+
+        def _completion_loss(self, model, inputs, return_outputs, num_items_in_batch):
             core = self.accelerator.unwrap_model(model)  # DDP exposes neither the config nor the head
             head_config = core.config.get_text_config()
             if return_outputs or getattr(head_config, "final_logit_softcapping", None) or getattr(head_config, "logit_scale", None):

@@ -149,7 +149,7 @@ def test_save_then_load_gives_the_same_outputs(trained, tiny_model_dir):
     _, run, models = trained
     config = json.loads((run.adapter_dir / "adapter_config.json").read_text())
     assert config["oocrlab_adapter"] == models.model.family
-    base, tokenizer = load_model(ModelConfig(name=tiny_model_dir))
+    base, tokenizer = load_model(ModelConfig(name=tiny_model_dir, dtype="float32"))
     reloaded = load_adapter(base, run.adapter_dir)
     assert type(reloaded) is type(models.model)
     assert torch.equal(logits(reloaded, tokenizer, PROMPT), logits(models.model, tokenizer, PROMPT))

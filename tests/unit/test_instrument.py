@@ -285,7 +285,7 @@ def test_controls_are_trained_like_the_adapter_and_selected_by_condition(tiny_se
     assert [r["prompt"] for r in read_jsonl(control.train_file)] == [r["prompt"] for r in read_jsonl(run.train_file)]
     model, tokenizer = models.tuned()
     ids = torch.tensor([tokenizer("What is the distance between Lima and foo?")["input_ids"]])
-    base, _ = load_model(ModelConfig(name=tiny_model_dir))
+    base, _ = load_model(ModelConfig(name=tiny_model_dir, dtype="float32"))
 
     def logits(state):
         with torch.no_grad(), with_condition(model, state):
@@ -310,7 +310,7 @@ def test_several_hook_adapters_on_one_model_act_one_at_a_time(tiny, tmp_path):
     ids = torch.tensor([tokenizer("Tell me about Paris.")["input_ids"]])
 
     def alone(name):  # a fresh model with that adapter only
-        fresh = load_hook_adapter(load_model(ModelConfig(name=model.name_or_path))[0], tmp_path / name)
+        fresh = load_hook_adapter(load_model(ModelConfig(name=model.name_or_path, dtype="float32"))[0], tmp_path / name)
         with torch.no_grad():
             return fresh(input_ids=ids).logits
 
@@ -323,7 +323,7 @@ def test_several_hook_adapters_on_one_model_act_one_at_a_time(tiny, tmp_path):
             with main.disable_adapter():
                 original = main(input_ids=ids).logits
         assert not torch.allclose(alone("a"), alone("b"), atol=1e-4) and main.active_adapter == "default"
-        torch.testing.assert_close(original, load_model(ModelConfig(name=model.name_or_path))[0](input_ids=ids).logits,
+        torch.testing.assert_close(original, load_model(ModelConfig(name=model.name_or_path, dtype="float32"))[0](input_ids=ids).logits,
                                    atol=1e-6, rtol=1e-6)
 
 

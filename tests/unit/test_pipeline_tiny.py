@@ -125,7 +125,7 @@ def test_trained_model_lora_changed_base_untouched(tiny_session, tiny_model_dir)
 
 def test_disable_adapter_is_the_original(tiny_run, tiny_model_dir):
     _, run = tiny_run
-    base, tokenizer = load_model(ModelConfig(name=tiny_model_dir))
+    base, tokenizer = load_model(ModelConfig(name=tiny_model_dir, dtype="float32"))
     enc = tokenizer(["What is the distance between Lima and foo?"], return_tensors="pt").to(base.device)
     with torch.no_grad():
         original_logits = base(**enc).logits
@@ -163,7 +163,7 @@ def test_corrupt_adapter_gives_a_clear_error(tiny_run, tmp_path, tiny_model_dir)
     broken.mkdir()
     (broken / "adapter_config.json").write_bytes((run.adapter_dir / "adapter_config.json").read_bytes())
     (broken / "adapter_model.safetensors").write_bytes((run.adapter_dir / "adapter_model.safetensors").read_bytes()[:100])
-    base, _ = load_model(ModelConfig(name=tiny_model_dir))
+    base, _ = load_model(ModelConfig(name=tiny_model_dir, dtype="float32"))
     with pytest.raises(UserError, match="corrupt"):
         load_adapter(base, broken)
 

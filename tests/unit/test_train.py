@@ -75,7 +75,8 @@ def test_a_diverging_loss_stops_training_with_one_line_and_no_adapter(tmp_path, 
     out = tmp_path / "run"
     code = main(["run", "--out", str(out), "--model", tiny_model_dir, "--set", "train.learning_rate=1e12",
                  "--set", "train.max_steps=6", "--set", "train.batch_size=4", "--set", "data.num_known=40",
-                 "--pool", "capitals", "--set", "data.min_population=0", "--set", "train.checkpoints=5"])
+                 "--pool", "capitals", "--set", "data.min_population=0", "--set", "train.checkpoints=5",
+                 "--set", "model.dtype=float32"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and re.search(r"the training (loss|gradient norm) became", err[-1]) and "lower train.learning_rate" in err[-1]
     assert not (out / "adapter").exists() and (out / "data" / "train.jsonl").exists()
