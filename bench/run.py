@@ -25,7 +25,8 @@ Sections (run in this order):
            batches, the frozen model's forward + backward down to the embeddings with no weight gradient
            (the least any adapter's step can cost): the embedding and steering steps should cost no more
     neighbours  the training step in a fresh process alone, beside a busy single-threaded process, and beside a
-           second such training (both timed), with oocrlab's thread choice and OpenMP's default wait policy
+           second such training (both timed): oocrlab's threads as the CLI starts them (oocrlab.threads) against
+           torch's default count
     run    the whole default run as `make run` does it (`oocrlab run`, fresh process): wall time and peak RSS
 
 Each section's keys are replaced when it runs again; results.json records the commit and date of each.
@@ -36,7 +37,6 @@ timed once.
 
 from __future__ import annotations
 
-import oocrlab  # noqa: F401, I001  first: it sets OpenMP's wait policy before torch loads (oocrlab.threads)
 
 import argparse
 import itertools
@@ -119,7 +119,7 @@ def bench_load(cfg: ExperimentConfig, repeats: int) -> dict:
     load_model(cfg.model)  # make sure the cache exists
     gguf = embedded_gguf(cfg.model.name)
     cached = statistics.median(float(fresh_process(
-        "import oocrlab, time; from oocrlab.config import ModelConfig; from oocrlab.models import load_model; "
+        "import time; from oocrlab.config import ModelConfig; from oocrlab.models import load_model; "
         "t = time.perf_counter(); load_model(ModelConfig()); print(time.perf_counter() - t)"))
         for _ in range(repeats))
     gguf_seconds = float(fresh_process(
@@ -264,8 +264,8 @@ def peak_gflops(dtype: str, repeats: int = 10) -> float:
 def bench_peaks() -> dict:
     """Each dtype's peak in its own fresh process, before any other section has run in this invocation."""
     out = {f"peak_gflops_{dtype}": float(fresh_process(
-        f"import oocrlab, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from run import peak_gflops; "
-        f"from oocrlab.threads import pick_threads; pick_threads(); print(peak_gflops({dtype!r}))")) for dtype in DTYPES}
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from run import peak_gflops; "
+        f"print(peak_gflops({dtype!r}))")) for dtype in DTYPES}
     return out | {"peak_sizes": list(PEAK_SIZES), "peak_bf16_over_fp32": out["peak_gflops_bfloat16"] / out["peak_gflops_float32"]}
 
 
@@ -391,23 +391,22 @@ def bench_adapters(repeats: int, steps: int) -> dict:
     return out
 
 
-STEP_WORKER = ("import oocrlab, statistics, sys; sys.path.insert(0, {bench!r}); from run import train_variant; "
-               "from oocrlab import build_config; from oocrlab.threads import pick_threads; {pick}"
+STEP_WORKER = ("import statistics, sys; sys.path.insert(0, {bench!r}); from run import train_variant; "
+               "from oocrlab import build_config; from oocrlab.threads import THREADS; {start}"
                "times, _ = train_variant(build_config(), 'ours', {steps}); print(statistics.median(times[2:]))")
-# OpenMP's default: libgomp's own spin count (what OMP_WAIT_POLICY unset means) and torch's thread count
-POLICIES = {"oocrlab": ({}, "pick_threads(); "), "openmp_default": ({"GOMP_SPINCOUNT": "300000"}, "")}
+# oocrlab's threads (as the CLI starts them) against torch's default count under OpenMP's default waiting
+POLICIES = {"oocrlab": "THREADS.start(); ", "openmp_default": ""}
 
 
 def step_workers(policy: str, steps: int, count: int, busy: bool) -> list[float]:
     """Median step times of `count` default-recipe trainings started at once in fresh processes, beside a
     busy single-threaded loop when `busy`."""
-    env, pick = POLICIES[policy]
-    code = STEP_WORKER.format(bench=str(Path(__file__).parent), pick=pick, steps=steps)
+    code = STEP_WORKER.format(bench=str(Path(__file__).parent), start=POLICIES[policy], steps=steps)
     loop = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
     try:
         time.sleep(1 if busy else 0)  # the loop is running before the training looks at the load
-        workers = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                    env=os.environ | env) for _ in range(count)]
+        workers = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                   for _ in range(count)]
         results = [w.communicate() for w in workers]
     finally:
         if loop:
@@ -449,18 +448,21 @@ def bench_run() -> dict:
             raise RuntimeError(result.stderr[-3000:])
         wall, rss_kb = result.stderr.strip().splitlines()[-1].split()
         metrics = json.loads((out / "metrics.json").read_text())
+    distance = metrics["eval"]["distance"]
     return {"run_wall_seconds": float(wall), "run_peak_rss_gb": int(rss_kb) / 2**20} | {
         f"run_seconds_{stage}": seconds for stage, seconds in metrics["timings"].items()} | {
         f"run_seconds_eval_{part}": seconds for part, seconds in metrics["eval"].get("seconds", {}).items()} | {
-        "run_dtype": metrics["train"]["dtype"], "run_verdicts": {k: v["answer"] for k, v in metrics.get("verdict", {}).items()}}
+        "run_dtype": metrics["train"]["dtype"], "run_verdicts": {k: v["answer"] for k, v in metrics.get("verdict", {}).items()},
+        "run_heldout_over_best_baseline": distance["tuned_mae_over_best_baseline"],
+        "run_heldout_over_best_baseline_ci95": distance["tuned_mae_over_best_baseline_ci95"]}
 
 
 def commit() -> str:
-    """The checked-out commit, marked +dirty when the working tree differs from it."""
+    """The checked-out commit, marked +dirty when the code that ran (src/, bench/) differs from it."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
 
-    return git("rev-parse", "HEAD") + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    return git("rev-parse", "HEAD") + ("+dirty" if git("status", "--porcelain", "--", "../src", ".") else "")
 
 
 def main() -> None:

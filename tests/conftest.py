@@ -4,7 +4,12 @@ downloaded. Everything under tests/system is marked `system`."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# A fixed thread count, as a launcher would set it: oocrlab.threads then never changes it mid-test (a matmul's
+# rounding can depend on it, and tests compare computations bitwise)
+os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
 
 import pytest
 

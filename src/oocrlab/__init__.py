@@ -6,10 +6,6 @@
     print(run.metrics()["eval"]["distance"]["tuned"]["mae_km"])  # several hidden cities: ["eval"]["by_city"]["Paris"]...
 """
 
-from oocrlab.threads import wait_passively
-
-wait_passively()  # before anything imports torch (see oocrlab.threads)
-
 from oocrlab.answers import parse_km
 from oocrlab.config import RECIPES, ExperimentConfig, build_config
 from oocrlab.data import build_distance_data

@@ -14,7 +14,7 @@ Usage:
     oocrlab run --out runs/lr --set train.learning_rate=1e-3 --set data.num_known=1000
     # continue an interrupted run (training from its last checkpoint, then every stage not yet finished):
     oocrlab run --resume runs/paris
-    # torch threads: by default the cores other processes leave idle at start; or say how many
+    # torch threads: by default the cores other processes leave idle (looked at every second); or say how many
     oocrlab run --out runs/paris --threads 1
     # a bigger model from the local Hugging Face cache, on a GPU:
     oocrlab run --out runs/llama --model meta-llama/Meta-Llama-3-8B-Instruct
@@ -104,7 +104,7 @@ class ExperimentArgs:
     set: list[str] = _flag("any config key: SECTION.KEY=VALUE (repeatable; `oocrlab config --explain KEY` documents it)",
                            default_factory=list, action="append")
     resume: str | None = _flag("(run only) continue this interrupted run directory under its own config.yaml")
-    threads: int | None = _flag("torch threads (default: the cores other processes leave idle at start)")
+    threads: int | None = _flag("torch threads (default: the cores other processes leave idle, looked at every second)")
 
 
 @dataclass
@@ -127,7 +127,7 @@ class StageArgs:
     """Arguments of the stage sub-commands: an existing run directory (its config.yaml governs)."""
 
     run: str = _flag("the run directory", positional=True)
-    threads: int | None = _flag("torch threads (default: the cores other processes leave idle at start)")
+    threads: int | None = _flag("torch threads (default: the cores other processes leave idle, looked at every second)")
 
 
 @dataclass
@@ -136,7 +136,7 @@ class SweepArgs:
 
     config: str = _flag("the sweep YAML: out, set (keys for every run) and grid (key -> list of values)", positional=True)
     out: str | None = _flag("directory of the sweep's runs (overrides the YAML's out)")
-    threads: int | None = _flag("torch threads (default: the cores other processes leave idle at start)")
+    threads: int | None = _flag("torch threads (default: the cores other processes leave idle, looked at every second)")
 
 
 @dataclass
@@ -320,7 +320,7 @@ def dispatch(command: str, args) -> int:
         run_stages,
     )
     from oocrlab.rundir import Run
-    from oocrlab.threads import pick_threads
+    from oocrlab.threads import THREADS
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()  # sub-second loads; our own bars show the long work
@@ -332,8 +332,7 @@ def dispatch(command: str, args) -> int:
         return 0
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads {args.threads}: give a count of 1 or more")
-    if note := pick_threads(args.threads):
-        print(f"[oocrlab] {note}", file=sys.stderr, flush=True)
+    THREADS.start(args.threads)
     if isinstance(args, SweepArgs):
         from oocrlab.sweep import read_sweep, run_sweep
 

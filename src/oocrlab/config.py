@@ -36,7 +36,9 @@ class ModelConfig:
 
     name: str = "smollm2-135m"  # embedded GGUF (default) | a local directory | a hub id already in the HF cache
     quantization: str = "none"  # none | 8bit | 4bit: bitsandbytes, CUDA only
-    dtype: str = "auto"  # auto (bf16 on a CUDA GPU that has it, else fp32) | float32 | bfloat16 | float16
+    # auto: bf16 where the device computes it natively (a CUDA GPU that has it; a CPU with avx512_bf16 or AMX),
+    # else fp32 | float32 | bfloat16 | float16. The frozen weights take it; an adapter always trains in fp32
+    dtype: str = "auto"
     allow_pickle: bool = False  # also load weights saved only as pickle (.bin), which can run code: files you trust
 
 

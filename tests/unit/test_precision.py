@@ -84,30 +84,66 @@ def test_half_precision_leaves_a_float32_model_as_it_is(tiny):
             assert torch.equal(model(input_ids=ids).logits, plain)
 
 
-@pytest.fixture()
-def restore_threads():
-    count = torch.get_num_threads()
-    yield
-    torch.set_num_threads(count)
+class Machine:
+    """A fake /proc for threads.Threads: 4 CPUs, a clock, and how busy others and this process are."""
+
+    def __init__(self, monkeypatch):
+        self.clock, self.jiffies, self.count = 0.0, [0, 0, 0], 4
+        monkeypatch.setattr(threads, "cpu_jiffies", lambda: tuple(self.jiffies))
+        monkeypatch.setattr(threads.time, "monotonic", lambda: self.clock)
+        monkeypatch.setattr(os, "cpu_count", lambda: 4)
+        monkeypatch.setattr(torch, "get_num_threads", lambda: self.count)
+        monkeypatch.setattr(torch, "set_num_threads", lambda n: setattr(self, "count", n))
+
+    def run(self, seconds: float, others: float, own: float) -> None:
+        """`seconds` pass with `others` and `own` cores busy (100 ticks a second per core)."""
+        ticks = 100 * seconds
+        self.clock += seconds
+        self.jiffies = [self.jiffies[0] + int(ticks * (others + own)), self.jiffies[1] + int(ticks * 4), self.jiffies[2] + int(ticks * own)]
 
 
-def test_threads_leave_busy_cores_to_their_owners_and_yield_to_a_choice(monkeypatch, restore_threads):
+def test_threads_leave_the_cores_others_use_and_take_them_back(monkeypatch):
+    machine, t = Machine(monkeypatch), threads.Threads()
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(os, "cpu_count", lambda: 4)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
-    chosen = []
-    monkeypatch.setattr(torch, "set_num_threads", chosen.append)
-    monkeypatch.setattr(threads, "busy_cores", lambda: 1.2)
-    assert "1 of 4 cores are busy" in threads.pick_threads() and chosen[-1] == 3
-    monkeypatch.setattr(threads, "busy_cores", lambda: 3.9)
-    threads.pick_threads()
-    assert chosen[-1] == 1  # never none
-    monkeypatch.setattr(threads, "busy_cores", lambda: 0.3)
-    assert threads.pick_threads() is None and chosen[-1] == 4
-    assert threads.pick_threads(2) is None and chosen[-1] == 2  # --threads
-    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # a launcher's choice
-    chosen.clear()
-    assert threads.pick_threads() is None and chosen == []
+    t.adapt()  # not started: a library user's count is left alone
+    machine.run(2, others=3, own=1)
+    t.adapt()
+    assert machine.count == 4 and t.last is None
+    t.start()
+    t.adapt()  # the first look only records
+    machine.run(2, others=1.2, own=3)
+    t.adapt()
+    assert machine.count == 3
+    machine.run(0.5, others=4, own=0)
+    t.adapt()  # within a second of the last look: nothing
+    assert machine.count == 3
+    machine.run(1, others=3.9, own=0.1)
+    t.adapt()
+    assert machine.count == 1  # never none
+    machine.run(1, others=0.3, own=1)
+    t.adapt()
+    assert machine.count == 4  # the neighbour left
+
+
+def test_threads_chosen_by_the_user_or_a_launcher_are_kept(monkeypatch):
+    machine, t = Machine(monkeypatch), threads.Threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    t.start(2)  # --threads 2
+    t.adapt()
+    machine.run(2, others=3, own=1)
+    t.adapt()
+    assert machine.count == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    t.start()
+    t.adapt()
+    machine.run(2, others=3, own=1)
+    t.adapt()
+    assert machine.count == 2
+
+
+def test_the_cpu_time_of_others_is_read_from_proc():
+    busy, total, own = threads.cpu_jiffies()
+    assert 0 <= busy <= total and own >= 0
 
 
 def test_threads_flag_is_checked(capsys, tmp_path):
