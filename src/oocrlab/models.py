@@ -158,9 +158,6 @@ def load_model(cfg: ModelConfig):
         model = AutoModelForCausalLM.from_pretrained(
             path,
             dtype=dtype,
-            # PyTorch's CPU flash attention runs its bf16 backward at ~3x its fp32 time (130 vs 50 ms of a ~1 s
-            # training step here, docs/speed.md); the plain matmul-softmax attention has no such penalty
-            attn_implementation="eager" if device.type == "cpu" and dtype != torch.float32 else None,
             quantization_config=quant,
             device_map={"": device.index} if device.type == "cuda" else None,
             use_safetensors=None if cfg.allow_pickle else True,  # pickle can run code on load
@@ -174,6 +171,23 @@ def load_model(cfg: ModelConfig):
     # for as long as the model lives (not one of hooks.Hooks' removable hooks): a no-op unless the CLI started it
     model.register_forward_pre_hook(THREADS.adapt)
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def training_attention(model):
+    """While training a bf16 or fp16 model on a CPU: transformers' eager attention instead of PyTorch's CPU flash
+    attention, whose bf16 backward runs at ~3x its fp32 time (130 vs 54 ms of a ~1 s step, docs/speed.md).
+    Inference keeps flash attention: eager's full score matrices over the in-context prefix (~2,700 tokens) made
+    the evaluation slower and its peak memory 2 GB higher."""
+    config = model.config
+    if model.device.type != "cpu" or model.dtype == torch.float32 or config._attn_implementation != "sdpa":
+        yield
+        return
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation("sdpa")
 
 
 @contextlib.contextmanager

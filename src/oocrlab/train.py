@@ -34,7 +34,7 @@ from oocrlab.adapters import (
 from oocrlab.config import ExperimentConfig, TrainConfig
 from oocrlab.distributed import is_main_process, wait_for_everyone
 from oocrlab.errors import UserError
-from oocrlab.models import half_precision
+from oocrlab.models import half_precision, training_attention
 from oocrlab.packing import prefix_tree_batch
 from oocrlab.rundir import Run, read_jsonl, write_jsonl
 
@@ -285,7 +285,8 @@ def train(cfg: ExperimentConfig, run: Run, model, tokenizer) -> tuple[dict[str, 
     if resume is not None:
         tqdm.write(f"[oocrlab] continuing training from {resume}", file=sys.stderr)
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    with training_attention(model):
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - start
     # the Trainer's history: a resumed training's includes the steps before its checkpoint
     log = [{"step": e["step"], "loss": e["loss"], "learning_rate": e.get("learning_rate"), "epoch": round(e.get("epoch") or 0, 4),

@@ -38,7 +38,7 @@ def test_a_bf16_training_keeps_the_adapter_in_fp32_and_the_frozen_weights_untouc
     assert base.keys() == original.keys()
     for name, param in base.items():
         assert param.dtype == torch.bfloat16 and torch.equal(param.detach(), original[name].to(torch.bfloat16)), name
-    assert models.model.get_base_model().config._attn_implementation == "eager"  # see models.load_model
+    assert models.model.get_base_model().config._attn_implementation == "sdpa"  # eager only while training
 
 
 @pytest.fixture(scope="module")
@@ -152,3 +152,17 @@ def test_threads_flag_is_checked(capsys, tmp_path):
     assert main(["train", str(tmp_path / "nowhere"), "--threads", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--threads 0" in err[0]
+
+
+def test_a_bf16_model_trains_with_eager_attention_and_infers_with_sdpa(tiny_model_dir):
+    from oocrlab.models import training_attention
+
+    ids = torch.tensor([list(range(3, 30))])
+    for dtype, during in (("bfloat16", "eager"), ("float32", "sdpa")):
+        model, _ = load_model(ModelConfig(name=tiny_model_dir, dtype=dtype))
+        with torch.no_grad():
+            before = model(input_ids=ids).logits
+            with training_attention(model):
+                assert model.config._attn_implementation == during
+                torch.testing.assert_close(model(input_ids=ids).logits, before, atol=0.05, rtol=0)
+        assert model.config._attn_implementation == "sdpa"
