@@ -43,7 +43,8 @@ def main() -> None:
     ]
     for name in args.only or list(CANDIDATES):
         recipe, overrides = CANDIDATES[name]
-        cfg = build_config(recipe=recipe, overrides=overrides)
+        # held-out error only: no fine-tuned control (the eval stage would otherwise ask for its adapter)
+        cfg = build_config(recipe=recipe, overrides=overrides | {"train.controls": []})
         run = run_experiment(cfg, out / name, stages=("data", "train", "eval"))
         m = run.metrics()
         t, d = m["train"], m["eval"]["distance"]

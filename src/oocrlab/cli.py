@@ -63,6 +63,9 @@ def _flag(help: str, key: str | None = None, default_factory=None, **meta) -> An
     return field(default=None, metadata={"help": help, "key": key, **meta})
 
 
+THREADS_HELP = "torch threads (default: the cores other processes leave idle, looked at every second)"
+
+
 def parse_controls(text: str) -> list[str]:
     """ "shuffled,declared" -> ["shuffled", "declared"]; "none" or "" -> []."""
     return [] if text.strip().lower() in ("", "none") else [c.strip() for c in text.split(",")]
@@ -104,7 +107,7 @@ class ExperimentArgs:
     set: list[str] = _flag("any config key: SECTION.KEY=VALUE (repeatable; `oocrlab config --explain KEY` documents it)",
                            default_factory=list, action="append")
     resume: str | None = _flag("(run only) continue this interrupted run directory under its own config.yaml")
-    threads: int | None = _flag("torch threads (default: the cores other processes leave idle, looked at every second)")
+    threads: int | None = _flag(THREADS_HELP)
 
 
 @dataclass
@@ -127,7 +130,7 @@ class StageArgs:
     """Arguments of the stage sub-commands: an existing run directory (its config.yaml governs)."""
 
     run: str = _flag("the run directory", positional=True)
-    threads: int | None = _flag("torch threads (default: the cores other processes leave idle, looked at every second)")
+    threads: int | None = _flag(THREADS_HELP)
 
 
 @dataclass
@@ -136,7 +139,7 @@ class SweepArgs:
 
     config: str = _flag("the sweep YAML: out, set (keys for every run) and grid (key -> list of values)", positional=True)
     out: str | None = _flag("directory of the sweep's runs (overrides the YAML's out)")
-    threads: int | None = _flag("torch threads (default: the cores other processes leave idle, looked at every second)")
+    threads: int | None = _flag(THREADS_HELP)
 
 
 @dataclass

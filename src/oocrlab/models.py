@@ -99,7 +99,7 @@ def pick_device() -> torch.device:
 
 
 def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (avx512_bf16 or AMX): there a bf16 matmul runs ~2.4x an fp32 one
+    """Whether this CPU multiplies bf16 natively (avx512_bf16 or AMX): there a bf16 matmul ran 2.1-2.5x an fp32 one
     (docs/speed.md); elsewhere bf16 is emulated and slower than fp32."""
     capabilities = torch.cpu.get_capabilities()
     return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
@@ -177,8 +177,8 @@ def load_model(cfg: ModelConfig):
 def training_attention(model):
     """While training a bf16 or fp16 model on a CPU: transformers' eager attention instead of PyTorch's CPU flash
     attention, whose bf16 backward runs at ~3x its fp32 time (130 vs 54 ms of a ~1 s step, docs/speed.md).
-    Inference keeps flash attention: eager's full score matrices over the in-context prefix (~2,700 tokens) made
-    the evaluation slower and its peak memory 2 GB higher."""
+    Inference keeps flash attention: eager's full score matrices over the in-context prefix (~2,700 tokens) took
+    26 s instead of 6 in the default run."""
     config = model.config
     if model.device.type != "cpu" or model.dtype == torch.float32 or config._attn_implementation != "sdpa":
         yield
