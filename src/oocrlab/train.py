@@ -37,6 +37,7 @@ from oocrlab.errors import UserError
 from oocrlab.models import half_precision, training_attention
 from oocrlab.packing import prefix_tree_batch
 from oocrlab.rundir import Run, read_jsonl, write_jsonl
+from oocrlab.threads import THREADS
 
 # TRL 1.x and PEFT still use the name `gradient_checkpointing`, which transformers 5 renamed
 # (activation_checkpointing); the warning says nothing a user can act on.
@@ -253,6 +254,7 @@ def train(cfg: ExperimentConfig, run: Run, model, tokenizer) -> tuple[dict[str, 
 
         def on_step_end(self, args, state, control, **kwargs):
             self.bar.update(1)
+            THREADS.adapt()
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
