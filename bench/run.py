@@ -106,9 +106,9 @@ def tuned_model(cfg: ExperimentConfig):
     return model, tokenizer
 
 
-def fresh_process(code: str, env: dict | None = None) -> str:
+def fresh_process(code: str) -> str:
     """The last line `code` prints, run by this Python in a new process (nothing cached or warmed up by this one)."""
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(result.stderr[-3000:])
     return result.stdout.strip().splitlines()[-1]
@@ -344,9 +344,8 @@ def bench_train(repeats: int, steps: int, peaks: dict) -> dict:
            "train_tree_tokens_per_step": float(tree_tokens), "train_completion_tokens_per_step": float(completion),
            "train_useful_gflop_per_step": flops_per_step / 1e9}
     for (variant, dtype), seconds in median.items():
-        key = "ours" if variant == "ours" else variant
-        out[f"train_seconds_per_step_{key}_{dtype}"] = seconds
-        out[f"train_samples_per_second_{key}_{dtype}"] = build_config().train.batch_size / seconds
+        out[f"train_seconds_per_step_{variant}_{dtype}"] = seconds
+        out[f"train_samples_per_second_{variant}_{dtype}"] = build_config().train.batch_size / seconds
         utilization = flops_per_step / seconds / (peaks[f"peak_gflops_{dtype}"] * 1e9)
         out[f"train_useful_work_utilization{'' if variant == 'ours' else '_' + variant}_{dtype}"] = utilization
     return out | {

@@ -7,7 +7,7 @@ that is the fast choice: a training step is ~1,700 small ops, and with threads t
 (OMP_WAIT_POLICY=PASSIVE) the default recipe's step took 0.85 s instead of 0.54 s, no faster than one thread.
 Beside another busy process, threads that spin on the cores it needs slow both: the same step took 2.1 s beside
 a single-threaded loop and 6.9 s beside a second such training (docs/speed.md). So oocrlab keeps the spinning
-but gives up the cores others use: `Threads.adapt` (called after each training step and before each packed
+but gives up the cores others use: `Threads.adapt` (called at each training step's loss and before each packed
 forward pass or generation step, acting at most once a second) counts the CPU time of the other processes since its last look and sets torch's thread
 count to the cores they left idle, at least one and at most torch's default. Two oocrlab runs on two cores
 settle on one thread each. A count chosen by the user (`--threads N`) or by a launcher (OMP_NUM_THREADS;

@@ -116,6 +116,7 @@ def completion_loss_trainer(share_prefix: bool):
         """
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            THREADS.adapt()  # here, not in a callback: every trainer of this class looks, bench/run.py's too
             with half_precision(self.accelerator.unwrap_model(model)):
                 return self._completion_loss(model, inputs, return_outputs, num_items_in_batch)
 
@@ -254,7 +255,6 @@ def train(cfg: ExperimentConfig, run: Run, model, tokenizer) -> tuple[dict[str, 
 
         def on_step_end(self, args, state, control, **kwargs):
             self.bar.update(1)
-            THREADS.adapt()
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
