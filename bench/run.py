@@ -39,6 +39,7 @@ from __future__ import annotations
 
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -70,7 +71,7 @@ from oocrlab.evaluate.choice import (
 )
 from oocrlab.evaluate.free_form import sample_answers
 from oocrlab.incontext import InContext
-from oocrlab.models import embedded_gguf, load_model, pick_device, pick_dtype, with_condition
+from oocrlab.models import embedded_gguf, load_model, pick_device, pick_dtype, training_attention, with_condition
 from oocrlab.packing import last_token_activations, prefix_tree_batch
 from oocrlab.probe import locate_in_template, probe_setup
 from oocrlab.provenance import hardware, versions
@@ -307,7 +308,8 @@ def train_variant(cfg: ExperimentConfig, variant: str, steps: int) -> list[float
             model = attach_adapter(spec, model, tokenizer, cfg.data.placeholder, rows)
         trainer = trainer_class(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                                 peft_config=lora_config(cfg.train) if lora else None, callbacks=[StepTimes()])
-        trainer.train()
+        with training_attention(model) if variant.startswith("ours") else contextlib.nullcontext():  # as train.py
+            trainer.train()
         batches = list(itertools.islice(trainer.get_train_dataloader(), steps))
     return times, batches
 

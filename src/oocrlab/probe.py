@@ -242,7 +242,11 @@ def patched_letter_probabilities(
         with Hooks() as hooks:
             patch_hooks(hooks, model, position, sources[start : start + batch_size], rows)
             input_ids = torch.tensor([ids] * len(rows), device=model.device)
-            logits = model(input_ids=input_ids, use_cache=False, logits_to_keep=1).logits[:, -1].float()
+            # the last position as an index, not logits_to_keep=1: that slices the rows' states into a strided
+            # [rows, 1, d] view, which a CPU bf16 linear multiplies row by row against a copy of the LM head
+            # per row (1.7 GB and 2.4 s for 32 rows, against 14 ms for a contiguous input)
+            last = torch.tensor([len(ids) - 1], device=model.device)
+            logits = model(input_ids=input_ids, use_cache=False, logits_to_keep=last).logits[:, -1].float()
         out.append(torch.softmax(letter_log_probs(torch.log_softmax(logits, dim=-1), tokenizer), dim=-1).cpu())
     return torch.cat(out).numpy()
 
