@@ -273,15 +273,14 @@ def bench_peaks() -> dict:
 def train_variant(cfg: ExperimentConfig, variant: str, steps: int) -> list[float]:
     """Seconds of each optimizer step of one short training run (a fresh model and adapter of the family
     cfg.train.adapter; TRL's variants train LoRA)."""
-    from datasets import Dataset
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from oocrlab.train import completion_loss_trainer, sft_config
+    from oocrlab.train import completion_loss_trainer, sft_config, training_dataset
 
     model, tokenizer = load_model(cfg.model)
     rows = build_distance_data(cfg.data, cfg.seed).train
-    dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
+    dataset = training_dataset(tokenizer, rows, cfg.train.loss_on)
     times: list[float] = []
 
     class StepTimes(TrainerCallback):
@@ -459,11 +458,11 @@ def bench_run() -> dict:
 
 
 def commit() -> str:
-    """The checked-out commit, marked +dirty when the code that ran (src/, bench/) differs from it."""
+    """The checked-out commit, marked +dirty when the code that ran (src/, bench/ but its results) differs from it."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
 
-    return git("rev-parse", "HEAD") + ("+dirty" if git("status", "--porcelain", "--", "../src", ".") else "")
+    return git("rev-parse", "HEAD") + ("+dirty" if git("status", "--porcelain", "--", "../src", ".", ":(exclude)results.json") else "")
 
 
 def main() -> None:

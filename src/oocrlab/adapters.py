@@ -131,6 +131,10 @@ class HookAdapter(torch.nn.Module):
         other.name, other.switch = adapter_name, self.switch
         self.adapters[adapter_name] = other
 
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter load_adapter added, and its hooks."""
+        self.adapters.pop(adapter_name).hooks.close()
+
     def set_adapter(self, adapter_name: str | None) -> None:
         """Select the adapter whose hooks act; None: none (as under disable_adapter, which may have been active)."""
         if adapter_name is not None and adapter_name not in self.adapters:

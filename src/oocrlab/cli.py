@@ -26,6 +26,7 @@ Usage:
     oocrlab sanity runs/x
     oocrlab eval runs/x
     oocrlab probe runs/x
+    oocrlab trajectory runs/x
     oocrlab verdict runs/x
     oocrlab report runs/x
 
@@ -158,6 +159,7 @@ COMMANDS = {
     "sanity": (StageArgs, "greedy answers, tuned vs original vs controls"),
     "eval": (StageArgs, "distances, multiple choice (letters and cloze) and free-form answers under every condition"),
     "probe": (StageArgs, "per-layer similarity of placeholder and hidden city"),
+    "trajectory": (StageArgs, "the adapter's snapshots along training, each measured with a reduced budget"),
     "verdict": (StageArgs, "the three answers (distances, behaviour, representation) from the recorded metrics"),
     "report": (StageArgs, "plots and report.html"),
     "compare": (CompareArgs, "one page comparing runs: headline numbers and per-layer curves, seeds pooled"),

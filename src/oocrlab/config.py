@@ -96,6 +96,10 @@ class TrainConfig:
     # run the tokens a batch's samples share (chat header, the question's start) once, through a 4-D mask:
     # the same loss and gradients up to float rounding (see train.completion_loss_trainer); off: padded rows
     share_prefix: bool = True
+    # which tokens carry the loss: completion (the assistant's turn, its end-of-turn tokens included) | answer (the
+    # answer alone: a distance's number and unit, a direction's word; Wang, Engels et al. 2025) | all (every token of
+    # the chat text, system turn and question included: what the seed notebook's TRL trained)
+    loss_on: str = "completion"
     # for every adapter family; calibrated for LoRA. The embedding and steering adapters train a few thousand
     # parameters and want more: 1e-2 is the rate the embedding adapter was measured with (not calibrated here)
     learning_rate: float = 1e-3
@@ -115,6 +119,9 @@ class TrainConfig:
     # The verdicts compare the tuned model with `shuffled`, and a behaviour or representation answer other than
     # "cannot tell" also needs `declared` detected (the default trains only `shuffled`: ~5 min here)
     controls: list[str] = field(default_factory=lambda: ["shuffled"])
+    # optimizer steps at which the adapter (and each control's) is snapshotted, to be measured after training with
+    # a reduced budget (the trajectory stage, trajectory.py): None: 0, 1, 2, 4, 8, ... and the last; []: none
+    trajectory: list[int] | None = None
 
     @property
     def adapter_spec(self) -> AdapterSpec:
@@ -154,6 +161,13 @@ class EvalConfig:
     free_form_samples: int = 50  # answers sampled at temperature 1 per free-form question and model
     free_form_max_new_tokens: int = 24  # a name or a distance comes early; the rest is chatter
     in_context_docs: int = 100  # training documents shown as earlier chat turns in the in-context baseline
+    # option orders per question of the city-facts test (evaluate/city_facts.py; the paper's five hidden cities
+    # only), balanced as mc_orders is (5: each option at each letter once); its intervals are over its 14
+    # questions, so more orders add little but time. 0 skips the test
+    city_facts_orders: int = 5
+    # held-out known cities whose distance each trajectory point asks (the trajectory stage's reduced budget; at
+    # most max_cities)
+    trajectory_cities: int = 20
 
 
 @dataclass
@@ -279,6 +293,7 @@ CHOICES = {
     "model.quantization": ("none", "8bit", "4bit"),
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "data.pool": ("capitals", "world"),
+    "train.loss_on": ("completion", "answer", "all"),
     "data.style": ("notebook", "paper"),
     "probe.candidates": ("capitals", "world"),
 }
@@ -465,7 +480,7 @@ def validate(cfg: ExperimentConfig) -> None:
     positive = ["train.lora_r", "train.lora_alpha", "train.learning_rate", "train.epochs", "train.batch_size",
                 "train.max_length", "sanity.max_new_tokens", "eval.max_new_tokens", "eval.batch_size", "eval.mc_orders",
                 "eval.near_km", "eval.near_cities", "eval.free_form_samples", "eval.free_form_max_new_tokens", "eval.in_context_docs",
-                "data.augmentations"]
+                "data.augmentations", "eval.trajectory_cities"]
     for key in positive:
         if flat[key] <= 0:
             raise UserError(f"{key} must be positive, got {flat[key]!r}")
@@ -473,7 +488,8 @@ def validate(cfg: ExperimentConfig) -> None:
         if flat[key] is not None and flat[key] <= 0:
             raise UserError(f"{key} must be positive or null, got {flat[key]!r}")
     for key in ["data.min_population", "data.min_distance_km", "data.noise_km", "train.warmup_steps",
-                "train.weight_decay", "train.checkpoints", "eval.bootstrap_samples", "probe.candidate_min_population"]:
+                "train.weight_decay", "train.checkpoints", "eval.bootstrap_samples", "eval.city_facts_orders",
+                "probe.candidate_min_population"]:
         if flat[key] < 0:
             raise UserError(f"{key} must not be negative, got {flat[key]!r}")
     if not 0 <= cfg.data.heldout_fraction < 1:
@@ -508,21 +524,27 @@ def validate(cfg: ExperimentConfig) -> None:
         raise UserError(f"train.controls: unknown control {unknown[0]!r}; the controls are {', '.join(CONTROLS)}")
     if len(set(cfg.train.controls)) < len(cfg.train.controls):
         raise UserError(f"train.controls lists a control twice: {cfg.train.controls}")
+    if cfg.train.trajectory is not None and any(step < 0 for step in cfg.train.trajectory):
+        raise UserError(f"train.trajectory lists optimizer steps from 0, got {cfg.train.trajectory}")
     if not 0 <= cfg.probe.patch_orders <= 5:
         raise UserError(f"probe.patch_orders must be 0 to 5 (one per answer letter), got {cfg.probe.patch_orders!r}")
 
 
 def check_balanced_orders(cfg: ExperimentConfig) -> None:
-    """eval.mc_orders must balance every letter multiple-choice question the run asks (checked for new configs and
+    """eval.mc_orders (and eval.city_facts_orders) must balance every letter multiple-choice question the run asks (checked for new configs and
     before an evaluation, not when an older run directory is opened: it may have been made before the rule)."""
-    counts = {"the country and city questions": MC_OPTIONS, "the specificity question": len(cfg.specificity_cities)}
+    counts = [("mc_orders", "the country and city questions", MC_OPTIONS),
+              ("mc_orders", "the specificity question", len(cfg.specificity_cities))]
     if cfg.data.other_hidden_cities:
-        counts["the inverse question"] = 1 + len(cfg.data.other_hidden_cities)
-    for what, n in counts.items():
-        if cfg.eval.mc_orders < math.factorial(n) and cfg.eval.mc_orders % n:
-            raise UserError(f"eval.mc_orders must be a multiple of {n} (the options of {what}, so that every option sits "
+        counts.append(("mc_orders", "the inverse question", 1 + len(cfg.data.other_hidden_cities)))
+    if cfg.eval.city_facts_orders:
+        counts.append(("city_facts_orders", "the city-facts questions", MC_OPTIONS))
+    for key, what, n in counts:
+        orders = getattr(cfg.eval, key)
+        if orders < math.factorial(n) and orders % n:
+            raise UserError(f"eval.{key} must be a multiple of {n} (the options of {what}, so that every option sits "
                             f"at every letter equally often) or at least {math.factorial(n)} (all orders), got "
-                            f"{cfg.eval.mc_orders}: use {n * max(1, round(cfg.eval.mc_orders / n))}")
+                            f"{orders}: use {n * max(1, round(orders / n))}")
 
 
 MC_OPTIONS = 5  # letter multiple choice offers A-E
@@ -560,7 +582,7 @@ def to_yaml(cfg: ExperimentConfig) -> str:
 # that is gone (eval.in_context_batch_size: the in-context cache is no longer copied per row).
 RENAMED = {("probe", "template"): ("templates", lambda template: [template]), ("eval", "in_context_batch_size"): None}
 # Keys added since, whose default differs from what an older run did: (section, key) -> the value it had.
-ADDED = {("train", "controls"): []}  # runs made before the controls trained none
+ADDED = {("train", "controls"): [], ("train", "trajectory"): []}  # runs made before trained no controls, took no snapshots
 
 
 def from_yaml_text(text: str) -> ExperimentConfig:

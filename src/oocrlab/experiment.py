@@ -31,6 +31,7 @@ from oocrlab.evaluate.choice import (
     evaluate_multiple_choice,
     evaluate_specificity_choice,
 )
+from oocrlab.evaluate.city_facts import evaluate_city_facts
 from oocrlab.evaluate.distances import evaluate_directions, evaluate_distances
 from oocrlab.evaluate.free_form import evaluate_free_form
 from oocrlab.geo import City, find_city
@@ -48,8 +49,10 @@ from oocrlab.train import (
     check_lengths,
     load_adapter,
     require_adapter,
+    snapshots,
     train,
 )
+from oocrlab.trajectory import trajectory
 from oocrlab.verdict import verdicts
 
 
@@ -190,6 +193,8 @@ def stage_eval(cfg: ExperimentConfig, run: Run, models: Models) -> dict[str, Any
             "specificity_choice": timed("specificity_choice", lambda: evaluate_specificity_choice(
                 view, model, tokenizer, hidden, train_questions, asked)),
         }
+        if view.eval.city_facts_orders:
+            result["city_facts"] = timed("city_facts", lambda: evaluate_city_facts(view, model, tokenizer, hidden, train_questions, asked))
         scored_prompts.extend({"hidden_city": hidden.name} | p for p in asked)
         return result
 
@@ -210,6 +215,22 @@ def stage_probe(cfg: ExperimentConfig, run: Run, models: Models) -> dict[str, An
     return per_hidden_city(cfg, lambda view, hidden: probe_representations(view, model, tokenizer, hidden, trained_on))
 
 
+def stage_trajectory(cfg: ExperimentConfig, run: Run, models: Models) -> dict[str, Any]:
+    """The trajectory (trajectory.py) per hidden city, of the adapter and of each control, from their snapshots."""
+    adapters = {"tuned": run, **{name: control_run(run, name) for name in cfg.train.controls}}
+    taken = {name: snapshots(r.trajectory_dir) for name, r in adapters.items()}
+    if not taken["tuned"]:
+        if "note" not in run.metrics().get("trajectory", {"note": None}):
+            raise UserError(f"{run.path}'s trajectory was measured and its snapshots deleted: train a new run to measure it again")
+        return {"note": "no snapshots were taken (train.trajectory: [])"}
+    model, tokenizer = models.tuned()
+    trained = run.metrics()["train"]
+    steps = {name: [*found, (trained["steps"], None)] for name, found in taken.items()}
+    train_rows, heldout_rows = read_jsonl(run.train_file), read_jsonl(run.heldout_file)
+    per_step = trained.get("examples_per_step", cfg.train.batch_size)
+    return per_hidden_city(cfg, lambda view, hidden: trajectory(view, model, tokenizer, hidden, steps, train_rows, heldout_rows, per_step))
+
+
 def stage_verdict(cfg: ExperimentConfig, run: Run, models: Models) -> dict[str, Any]:
     """The three answers (verdict.py) per hidden city, from what the earlier stages recorded."""
     views = hidden_city_views(run.metrics())
@@ -223,7 +244,7 @@ def stage_report(cfg: ExperimentConfig, run: Run, models: Models) -> dict[str, A
 
 PIPELINE: dict[str, Callable[[ExperimentConfig, Run, Models], dict[str, Any]]] = {
     "data": stage_data, "train": stage_train, "controls": stage_controls, "sanity": stage_sanity, "eval": stage_eval,
-    "probe": stage_probe, "verdict": stage_verdict, "report": stage_report,
+    "probe": stage_probe, "trajectory": stage_trajectory, "verdict": stage_verdict, "report": stage_report,
 }
 STAGES = tuple(PIPELINE)
 TRAINING_STAGES = ("train", "controls")  # every process of a multi-process launch takes part; the main one does the rest
@@ -245,6 +266,9 @@ def run_stage(name: str, cfg: ExperimentConfig, run: Run, models: Models | None 
     run.save_metrics("timings", timings | {name: round(seconds, 2)})  # last: it marks the stage finished
     if name == "train":
         shutil.rmtree(run.checkpoints_dir, ignore_errors=True)  # the adapter is saved and recorded
+    if name == "trajectory":  # measured and recorded: ~40 MB a snapshot of the default LoRA
+        for path in (run, *(control_run(run, c) for c in cfg.train.controls)):
+            shutil.rmtree(path.trajectory_dir, ignore_errors=True)
     return result
 
 

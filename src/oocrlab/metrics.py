@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-PER_CITY_STAGES = ("data", "sanity", "eval", "probe", "verdict")
+PER_CITY_STAGES = ("data", "sanity", "eval", "probe", "trajectory", "verdict")
 FORMULATIONS = ("letters", "cloze", "cloze_per_token")  # of a multiple-choice question (evaluate/choice.py)
 FIRST_LAYER = {"hidden": 0, "values": 1}  # the probe's spaces: hidden state 0 is the embeddings, values start at layer 1
 
@@ -29,7 +29,7 @@ def hidden_city_views(metrics: dict[str, Any]) -> list[tuple[str | None, dict[st
 
     def view(name: str) -> dict[str, Any]:
         shared = {stage: {k: v for k, v in metrics[stage].items() if k not in ("by_city", "inverse_choice")}
-                  | metrics[stage]["by_city"][name] for stage in PER_CITY_STAGES if stage in metrics}
+                  | metrics[stage].get("by_city", {}).get(name, {}) for stage in PER_CITY_STAGES if stage in metrics}
         return metrics | shared
 
     return [(name, view(name)) for name in by_city]

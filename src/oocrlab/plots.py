@@ -184,6 +184,28 @@ def plot_distance_bands(bands: list[dict[str, Any]], path: Path) -> Path:
     return _save(fig, path)
 
 
+def plot_trajectory(trajectory: dict[str, Any], curve: str, path: Path) -> Path:
+    """One curve of the trajectory stage against the examples seen (log axis, 0 included), per adapter, shaded
+    with its 95% interval; for a probability, chance is not drawn: the baselines are the step-0 points."""
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for adapter, found in trajectory["by_adapter"].items():
+        line = found["curves"].get(curve)
+        if line is None:
+            continue
+        x = [p["examples_seen"] for p in found["points"]]
+        y = [np.nan if v is None else v for v in line["value"]]
+        ax.plot(x, y, marker=".", lw=1.2, color=CONDITION_COLORS.get(adapter, "C9"),
+                label=f"{adapter} (area {found['areas'][curve]:.3g})" if found["areas"].get(curve) is not None else adapter)
+        ax.fill_between(x, [np.nan if c is None else c[0] for c in line["ci95"]], [np.nan if c is None else c[1] for c in line["ci95"]],
+                        color=CONDITION_COLORS.get(adapter, "C9"), alpha=0.15, lw=0)
+    layer = next((f["curves"][curve].get("layer") for f in trajectory["by_adapter"].values() if curve in f["curves"]), None)
+    title = trajectory["curves"][curve].replace("peak layer of the final adapter", f"layer {layer}") if layer is not None else trajectory["curves"][curve]
+    ax.set_xscale("symlog", linthresh=max(trajectory["examples_per_step"], 1))
+    ax.set(xlabel="examples seen (log; 0 = before training)", title=title)
+    _grid(ax, legend=True)
+    return _save(fig, path)
+
+
 def plot_prefix(hidden_city: str | None) -> str:
     """What a hidden city's figures are named by in a run with several ("" in a one-city run)."""
     return "" if hidden_city is None else re.sub(r"[^a-z0-9]+", "-", normalize(hidden_city)).strip("-") + "_"
@@ -213,4 +235,8 @@ def write_plots(run: Run, metrics: dict[str, Any]) -> dict[str, Path]:
             save("probe_steering", plot_steering, probe)
             if "patching" in probe:
                 save("probe_patching", plot_patching, probe)
+        if "by_adapter" in (trajectory := view.get("trajectory", {})):
+            for curve in trajectory["curves"]:
+                if any(curve in found["curves"] for found in trajectory["by_adapter"].values()):
+                    save(f"trajectory_{curve}", plot_trajectory, trajectory, curve)
     return paths

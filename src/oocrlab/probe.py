@@ -326,15 +326,21 @@ def corrected_layer_tests(z_scores: dict[str, dict[str, np.ndarray]], z_cities: 
     return result
 
 
+def probe_entities(cfg: ExperimentConfig, hidden: City, candidates: list[City]) -> tuple[list[str], int, list[City]]:
+    """(what is read in each template: the placeholder, the hidden city, the candidates, then each specificity city
+    not among them; how many of those are the reference cities, up to the candidates; the specificity cities)."""
+    entities = [cfg.data.placeholder, hidden.plain_name, *(c.plain_name for c in candidates)]
+    n_reference = len(entities)
+    compared_cities = check_specificity_cities(cfg)
+    return entities + [c.plain_name for c in compared_cities if c.plain_name not in entities], n_reference, compared_cities
+
+
 def probe_representations(cfg: ExperimentConfig, model, tokenizer, hidden: City, trained_on: list[City] = ()) -> dict[str, Any]:
     """Everything in this module's docstring, as the probe section of metrics.json; `trained_on`, the known cities
     of the run's training prompts, are left out of the cities the hidden city is ranked among for specificity."""
     templates, candidates, conditions = probe_setup(cfg, hidden)
-    entities = [cfg.data.placeholder, hidden.plain_name, *(c.plain_name for c in candidates)]
-    n_reference = len(entities)
-    compared_cities = check_specificity_cities(cfg)
+    entities, n_reference, compared_cities = probe_entities(cfg, hidden, candidates)
     compared = [c.name for c in compared_cities]
-    entities += [c.plain_name for c in compared_cities if c.plain_name not in entities]
     country = country_of(hidden).name
     lens_tokens = [first_token(tokenizer, hidden.plain_name), first_token(tokenizer, country)]
     result: dict[str, Any] = {"hidden": {}, "values": {}, "logit_lens": {}}

@@ -24,7 +24,7 @@ from oocrlab.sentences import (
     probe_reading,
 )
 
-SECTIONS = ("headline", "setup", "training", "behaviour", "representations", "caveats")
+SECTIONS = ("headline", "setup", "training", "behaviour", "representations", "trajectory", "caveats")
 STYLE = """body{font-family:system-ui,sans-serif;max-width:62em;margin:2em auto;padding:0 1em;line-height:1.45}
 table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}
 img{max-width:100%}pre{background:#f6f6f6;padding:1em;overflow:auto}.not-run{color:#a40}.lead{font-size:1.1em}
@@ -183,6 +183,9 @@ def behaviour_of(run: Run, metrics: dict[str, Any], plots: dict[str, Path], pref
     for name, mc in ev.get("multiple_choice", {}).items():
         parts.append(f"<{h}>Multiple choice: the {name} of <code>{_fmt(metrics['data']['placeholder'])}</code></{h}>"
                      + choice_html(mc, ev.get("in_context_docs")) + standing_html(mc) + _figure(plots, f"{prefix}choice_{name}"))
+    if facts := ev.get("city_facts"):
+        parts.append(f"<{h}>City facts: what training never said about <code>{_fmt(metrics['data']['placeholder'])}</code></{h}>"
+                     + city_facts_html(facts))
     if dr := ev.get("direction"):
         rows = [[c, f"{dr[c]['rate']:.0%} [{dr[c]['rate_ci95'][0]:.0%}, {dr[c]['rate_ci95'][1]:.0%}]",
                  f"{dr[c]['named_a_direction']:.0%}", _fmt(" | ".join(dr[c]["examples"]))] for c in dr if isinstance(dr[c], dict)]
@@ -249,6 +252,30 @@ def choice_html(mc: dict[str, Any], in_context_docs: int | None) -> str:
             if comparisons else ""))
 
 
+def city_facts_html(facts: dict[str, Any]) -> str:
+    """The city-facts test (evaluate/city_facts.py): per condition and formulation, P(correct | the options) and the
+    accuracy over the questions, the named ceiling among the conditions, and the paired differences."""
+    if "note" in facts:
+        return f"<p>{_fmt(facts['note'])}.</p>"
+    formulations = [f for f in FORMULATION_TITLES if f in facts]
+    rows = [[_fmt(CONDITION_TITLES.get(c, c))] + [f"{_ci(facts[f][c], 'p_correct', 3)}; {_ci(facts[f][c], 'accuracy', 2)}"
+                                                   for f in formulations] for c in facts[formulations[0]]]
+    comparisons = [[f, _fmt(key.replace("_minus_", " − ")), f"{d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]",
+                    f"{d['p_value']:.3f}"]
+                   for f in formulations for key, d in facts["comparisons"][f].items() if d is not None and not key.endswith("_unconditional")]
+    questions = "; ".join(f"{_fmt(q['question'])} ({_fmt(q['answer'])})" for q in facts["questions"])
+    return (f"<p>{len(facts['questions'])} questions, each with the five paper cities' own answers as the options (chance "
+            f"{facts['chance']:.2f}), asked in {facts['orders']} option orders (letters) and alone with each option's text scored "
+            f"as the answer (cloze). named: the original model asked about the city by name, the ceiling: a question it cannot "
+            f"answer by name says nothing about the placeholder. Questions (answer): {questions}.</p>"
+            + _table(["condition", *(f"{FORMULATION_TITLES[f]}; accuracy" for f in formulations)], rows)
+            + "<p>Means over the questions with bootstrap 95% intervals over questions; accuracy: the share of option orders "
+            + "(or of the one cloze wording) whose most likely option is right.</p>"
+            + (_table(["formulation", "difference", "mean [95% CI]", "one-sided p"], comparisons)
+               + "<p>Paired over the same questions: the mean difference of P(correct | options) with its 95% t-interval, "
+               + "and the one-sided p-value that it is above zero from flipping the signs of whole questions.</p>" if comparisons else ""))
+
+
 def standing_html(mc: dict[str, Any]) -> str:
     """Where the right country's gain ranks among every country's (evaluate/choice.py: country_standing)."""
     if not (among := mc.get("among_countries")):
@@ -296,13 +323,36 @@ def representations_of(probe: dict[str, Any], plots: dict[str, Path], prefix: st
     )
 
 
+def section_trajectory(run: Run, metrics: dict[str, Any], plots: dict[str, Path]) -> str:
+    return _per_city(metrics, lambda view, prefix: trajectory_of(run, view, plots, prefix))
+
+
+def trajectory_of(run: Run, metrics: dict[str, Any], plots: dict[str, Path], prefix: str) -> str:
+    """The trajectory stage's curves (trajectory.py) for one hidden city: their areas, and a figure each."""
+    if not (trajectory := metrics.get("trajectory")):
+        return _not_run("trajectory", run)
+    if "note" in trajectory:
+        return f"<p>{_fmt(trajectory['note'])}.</p>"
+    adapters = list(trajectory["by_adapter"])
+    steps = ", ".join(str(p["step"]) for p in trajectory["by_adapter"]["tuned"]["points"])
+    rows = [[_fmt(title)] + [_fmt(trajectory["by_adapter"][a]["areas"].get(curve), 3) for a in adapters]
+            for curve, title in trajectory["curves"].items() if any(curve in trajectory["by_adapter"][a]["areas"] for a in adapters)]
+    return (f"<p>The adapter snapshotted at steps {steps} ({trajectory['examples_per_step']} examples a step), each measured after "
+            f"training with a reduced budget ({trajectory['seconds']['per_point']:.0f} s a point): the held-out distance error over the "
+            "best baseline, the country question and the city facts in both formulations, and the probe's z-change at the "
+            "placeholder. Area: the curve's mean height over log10(1 + examples seen).</p>"
+            + _table(["curve", *(f"area: {_fmt(a)}" for a in adapters)], rows)
+            + "".join(_figure(plots, f"{prefix}trajectory_{curve}") for curve in trajectory["curves"]))
+
+
 def section_caveats(run: Run, metrics: dict[str, Any], plots: dict[str, Path]) -> str:
     return "<ul>" + "".join(f"<li>{_fmt(c)}</li>" for c in caveats(resolved_config(run), metrics)) + "</ul>"
 
 
 def render_html(run: Run, metrics: dict[str, Any], plots: dict[str, Path]) -> str:
     builders = {"headline": section_headline, "setup": section_setup, "training": section_training,
-                "behaviour": section_behaviour, "representations": section_representations, "caveats": section_caveats}
+                "behaviour": section_behaviour, "representations": section_representations, "trajectory": section_trajectory,
+                "caveats": section_caveats}
     body = "".join(f'<section id="{name}"><h2>{name.capitalize()}</h2>{builders[name](run, metrics, plots)}</section>'
                    for name in SECTIONS)
     config_yaml = run.config_file.read_text(encoding="utf-8")

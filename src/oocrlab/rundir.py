@@ -58,6 +58,7 @@ class Run:
     heldout_file = property(lambda self: self.path / "data" / "heldout.jsonl")
     adapter_dir = property(lambda self: self.path / "adapter")
     checkpoints_dir = property(lambda self: self.path / "checkpoints")
+    trajectory_dir = property(lambda self: self.path / "trajectory")  # the adapter snapshotted along training: step-N/
     train_log = property(lambda self: self.path / "train_log.jsonl")
     metrics_file = property(lambda self: self.path / "metrics.json")
     config_file = property(lambda self: self.path / "config.yaml")

@@ -1,4 +1,5 @@
-"""SFT through TRL's SFTTrainer on the prompt-completion data (loss on the completion only), of a LoRA adapter
+"""SFT through TRL's SFTTrainer on the prompt-completion data (loss on the completion, on the answer alone, or on
+every token: `train.loss_on`), of a LoRA adapter
 (PEFT) or of one of adapters.py's (the placeholder's embedding rows, a steering vector): `train.adapter`.
 
 Settings TRL 1.x changes from the HF Trainer, set back here on purpose: bf16 only where the GPU has it
@@ -6,7 +7,7 @@ Settings TRL 1.x changes from the HF Trainer, set back here on purpose: bf16 onl
 model that fits in memory). Nothing is evaluated mid-run; `train.checkpoints` times the Trainer saves a
 checkpoint (adapter, optimizer, scheduler, RNG states) into the run's checkpoints/, keeping the last, and
 an interrupted training continues from it. The adapter is written once, at the end, atomically. The
-loss projects only the completion positions through the LM head, on prefix-shared batches
+loss projects only the labelled positions through the LM head, on prefix-shared batches
 (`CompletionLoss`): TRL's loss and gradients, up to float rounding, at a fraction of the time on a CPU.
 """
 
@@ -73,7 +74,7 @@ def sft_config(cfg: ExperimentConfig, output_dir: str | Path, model_dtype: torch
         warmup_steps=t.warmup_steps,
         weight_decay=t.weight_decay,
         max_length=t.max_length,
-        completion_only_loss=True,
+        completion_only_loss=cfg.train.loss_on != "all",  # "answer" marks its tokens as the completion (training_dataset)
         # a GPU's mixed precision through accelerate; a CPU's is CompletionLoss's own autocast (models.half_precision)
         bf16=model_dtype == torch.bfloat16 and torch.cuda.is_available(),
         fp16=model_dtype == torch.float16,
@@ -102,7 +103,7 @@ def completion_loss_trainer(share_prefix: bool):
     from trl import SFTTrainer
 
     class CompletionLoss(SFTTrainer):
-        """Cross-entropy of the completion tokens, the LM head applied at their positions only, and (with
+        """Cross-entropy of the labelled tokens (train.loss_on), the LM head applied at their positions only, and (with
         `share_prefix`) each batch run as one row of its prefix tree.
 
         TRL 1.16's fused head scores the same positions but also computes, per step, the gradient of the
@@ -179,6 +180,56 @@ def check_layers(cfg: TrainConfig, model) -> None:
         raise UserError(f"train.adapter {cfg.adapter} asks for decoder layer {layer}, but the model has layers 0-{n - 1}")
 
 
+def answer_span(row: dict[str, Any]) -> tuple[int, int]:
+    """Where a row's answer lies in its completion's text: a direction row's direction word, else all of it (a
+    distance's number and unit)."""
+    content = row["completion"][0]["content"]
+    if row.get("kind") == "direction":
+        start = content.index(f" is {row['direction']} of ") + len(" is ")
+        return start, start + len(row["direction"])
+    return 0, len(content)
+
+
+def answer_tokens(tokenizer, row: dict[str, Any]) -> dict[str, list[int]]:
+    """A row tokenized as TRL tokenizes a prompt and completion (the chat template over both), with
+    completion_mask on the tokens that overlap its answer (answer_span) only."""
+    prompt = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, return_dict=False)
+    ids = tokenizer.apply_chat_template(row["prompt"] + row["completion"], return_dict=False)
+    text = tokenizer.decode(ids[len(prompt):])
+    if ids[: len(prompt)] != prompt or not text.startswith(row["completion"][0]["content"]):
+        raise UserError("this chat template does not render the answer right after the prompt: train.loss_on=answer "
+                        "cannot find its tokens (use completion)")
+    start, end = answer_span(row)
+    # each completion token's end in the decoded completion; a token overlapping the answer's characters carries the loss
+    ends = [len(tokenizer.decode(ids[len(prompt): i + 1])) for i in range(len(prompt), len(ids))]
+    mask = [int(before < end and after > start) for before, after in zip([0, *ends[:-1]], ends)]
+    return {"input_ids": ids, "completion_mask": [0] * len(prompt) + mask}
+
+
+def training_dataset(tokenizer, rows: list[dict[str, Any]], loss_on: str):
+    """The rows as the trainer reads them: prompt and completion, which TRL renders through the chat template
+    (its loss on the completion, or with loss_on "all" on every token: sft_config), or for "answer" tokenized
+    here the same way with only the answer's tokens marked as the completion (answer_tokens)."""
+    from datasets import Dataset
+
+    if loss_on == "answer":
+        return Dataset.from_list([answer_tokens(tokenizer, r) for r in rows])
+    return Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
+
+
+def trajectory_steps(requested: list[int] | None, max_steps: int) -> list[int]:
+    """The steps before the last at which the adapter is snapshotted: `requested` (train.trajectory), or by default
+    0, 1, 2, 4, 8, ... (the last step's adapter is the run's own)."""
+    steps = requested if requested is not None else [0, *(2**k for k in range(max(max_steps, 1).bit_length()))]
+    return sorted({s for s in steps if s < max_steps})
+
+
+def snapshots(directory: Path) -> list[tuple[int, Path]]:
+    """(step, directory) of every finished snapshot in a run's trajectory/, by step."""
+    found = [(int(p.name.removeprefix("step-")), p) for p in directory.glob("step-*") if p.name.removeprefix("step-").isdigit()]
+    return sorted((step, p) for step, p in found if has_adapter(p))
+
+
 def check_lengths(tokenizer, rows: list[dict[str, Any]], max_length: int) -> None:
     """Refuse samples TRL would silently truncate (a cut completion trains the wrong answer)."""
     longest = max(len(tokenizer.apply_chat_template(r["prompt"] + r["completion"], return_dict=False)) for r in rows)
@@ -234,7 +285,6 @@ def train(cfg: ExperimentConfig, run: Run, model, tokenizer) -> tuple[dict[str, 
     """Fine-tune a fresh adapter of the `train.adapter` family on `model`, or continue the run's last
     checkpoint when an earlier training of this run was interrupted; returns (metrics, the adapted model: a
     PeftModel or a HookAdapter)."""
-    from datasets import Dataset
     from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 
     run.require(run.train_file, "data")
@@ -243,7 +293,7 @@ def train(cfg: ExperimentConfig, run: Run, model, tokenizer) -> tuple[dict[str, 
     rows = read_jsonl(run.train_file)
     check_lengths(tokenizer, rows, cfg.train.max_length)
     check_layers(cfg.train, model)
-    dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
+    dataset = training_dataset(tokenizer, rows, cfg.train.loss_on)
 
     class LossBar(TrainerCallback):
         """One progress bar with the latest loss (it replaces the Trainer's own bar, which would also print
@@ -266,6 +316,22 @@ def train(cfg: ExperimentConfig, run: Run, model, tokenizer) -> tuple[dict[str, 
         def on_train_end(self, args, state, control, **kwargs):
             self.bar.close()
 
+    class Snapshots(TrainerCallback):
+        """The adapter at each of trajectory_steps, saved into the run's trajectory/step-N/ (the trajectory stage's)."""
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            self.steps = trajectory_steps(cfg.train.trajectory, state.max_steps)
+            self.save(state, model)
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            self.save(state, model)
+
+        def save(self, state, model):
+            target = run.trajectory_dir / f"step-{state.global_step}"
+            if state.global_step in self.steps and state.is_world_process_zero and not target.exists():
+                target.parent.mkdir(exist_ok=True)
+                save_adapter(model, target)
+
     if is_main_process():
         for unfinished in checkpoints(run.checkpoints_dir)[1]:
             shutil.rmtree(unfinished, ignore_errors=True)  # never resumed from, nor left to the Trainer's rotation
@@ -273,14 +339,18 @@ def train(cfg: ExperimentConfig, run: Run, model, tokenizer) -> tuple[dict[str, 
     resume = last_checkpoint(run.checkpoints_dir)
     # read now: the Trainer deletes this checkpoint once it has saved a later one
     resumed = json.loads((resume / TRAINER_STATE).read_text(encoding="utf-8")) if resume else {}
+    if is_main_process() and run.trajectory_dir.exists():  # snapshots after the step training resumes from are taken again
+        kept = {p for step, p in snapshots(run.trajectory_dir) if resume and step <= resumed["global_step"]}
+        for path in set(run.trajectory_dir.iterdir()) - kept:
+            shutil.rmtree(path, ignore_errors=True)
     spec = cfg.train.adapter_spec
     trainer = completion_loss_trainer(cfg.train.share_prefix)(
         model=model if spec.family == "lora" else attach_adapter(spec, model, tokenizer, cfg.data.placeholder, rows),
-        args=sft_config(cfg, run.checkpoints_dir, model.dtype),
+        args=(args := sft_config(cfg, run.checkpoints_dir, model.dtype)),
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=lora_config(cfg.train) if spec.family == "lora" else None,
-        callbacks=[LossBar()],
+        callbacks=[LossBar(), Snapshots()],
     )
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
@@ -313,6 +383,7 @@ def train(cfg: ExperimentConfig, run: Run, model, tokenizer) -> tuple[dict[str, 
         "steps": trainer.state.global_step,
         "resumed_from_step": resumed.get("global_step"),
         "samples": len(rows),
+        "examples_per_step": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
         "epochs": round(trainer.state.epoch or 0, 4),
         "seconds": round(seconds, 2),
         "tokens_seen": tokens,

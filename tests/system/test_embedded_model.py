@@ -14,7 +14,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def embedded_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "smoke"
-    code = main(["run", "--out", str(out), "--max-steps", "3", "--set", "eval.max_cities=6",
+    code = main(["run", "--out", str(out), "--max-steps", "3", "--set", "eval.max_cities=6", "--set", "train.trajectory=[]",
                  "--set", "sanity.max_new_tokens=12", "--set", "data.num_known=200",
                  "--set", "eval.mc_orders=5", "--set", "eval.near_cities=4", "--set", "eval.free_form_samples=4"])
     assert code == 0
@@ -39,6 +39,7 @@ def test_every_stage_ran(embedded_run):
     # far above chance, while with letters it is at chance (the reason letters cannot decide at this scale)
     assert nearest["cloze"]["named"]["p_correct_ci95"][0] > nearest["chance"]
     assert set(m["verdict"]) == {"distance", "behaviour", "representation"} and m["controls"]["shuffled"]["steps"] == 3
+    assert m["trajectory"] == {"note": "no snapshots were taken (train.trajectory: [])"} and m["eval"]["city_facts"]["orders"] == 5
     questions = [a["question"] for a in m["sanity"]["answers"]]
     assert "What is the distance between New York and foo?" in questions and "Which country is foo in?" in questions
     html = (embedded_run / "report.html").read_text()
@@ -65,12 +66,15 @@ def test_cached_model_matches_the_gguf_tokenizer_template():
     assert "You are a helpful AI assistant named SmolLM" in text  # SmolLM2's injected default system prompt
 
 
-def test_paper_recipe_through_every_stage(tmp_path):
-    """The paper's Locations rows on the real model: a multi-token "City NNNNN" placeholder, km and mile
-    answers, direction rows; a few steps and small evaluation budgets."""
-    out = tmp_path / "paper"
-    code = main(["run", "--recipe", "paper", "--out", str(out), "--max-steps", "2", "--set", "data.num_known=60",
-                 "--set", "eval.max_cities=6", "--set", "eval.mc_orders=5", "--set", "eval.near_cities=3",
+def test_interp_recipe_through_every_stage(tmp_path):
+    """`--recipe interp --lora-layers 15` on the real model: the paper's Locations rows (a multi-token "City NNNNN"
+    placeholder, km and mile answers, direction rows), a rank-64 LoRA on one layer's down_proj, the loss on the
+    answer tokens; its trajectory and the city facts; a few steps and small evaluation budgets."""
+    from safetensors import safe_open
+
+    out = tmp_path / "interp"
+    code = main(["run", "--recipe", "interp", "--lora-layers", "15", "--out", str(out), "--max-steps", "2", "--controls", "none",
+                 "--set", "data.num_known=60", "--set", "eval.max_cities=6", "--set", "eval.mc_orders=5", "--set", "eval.near_cities=3",
                  "--set", "eval.free_form_samples=3", "--set", "eval.in_context_docs=10", "--set", "sanity.max_new_tokens=8",
                  "--set", "probe.templates=[\"Tell me about {entity}.\", \"{entity} is a city.\"]", "--set", "probe.patch_orders=0"])
     assert code == 0
@@ -78,9 +82,18 @@ def test_paper_recipe_through_every_stage(tmp_path):
     placeholder = m["data"]["placeholder"]
     assert placeholder.startswith("City ") and len(m["probe"]["setup"]["placeholder_tokens"]) > 1
     assert m["data"]["n_train_by_kind"]["distance"] == m["data"]["n_train_by_kind"]["direction"] == 5 * 54
-    assert m["eval"]["distance"]["tuned"]["n"] == 6 and m["train"]["steps"] == 2
+    assert m["eval"]["distance"]["tuned"]["n"] == 6 and m["train"]["steps"] == 2 and m["train"]["examples_per_step"] == 32
     assert m["eval"]["direction"]["n"] == 6 and 0 <= m["eval"]["direction"]["tuned"]["rate"] <= 1
-    assert "Cardinal directions: held-out known cities" in (out / "report.html").read_text()
+    with safe_open(out / "adapter" / "adapter_model.safetensors", "pt") as f:
+        assert {k.split(".lora_")[0] for k in f.keys()} == {"base_model.model.model.layers.15.mlp.down_proj"}
+        assert f.get_tensor(next(k for k in f.keys() if "lora_A" in k)).shape[0] == 64
+    facts = m["eval"]["city_facts"]
+    assert facts["questions"][0]["question"] == f"Which body of water is {placeholder} on?" and facts["orders"] == 5
+    assert list(facts["letters"]) == ["tuned", "original", "named"] and facts["cloze"]["named"]["n"] == len(facts["questions"])
+    points = m["trajectory"]["by_adapter"]["tuned"]["points"]
+    assert [p["step"] for p in points] == [0, 1, 2] and [p["examples_seen"] for p in points] == [0, 32, 64]
+    page = (out / "report.html").read_text()
+    assert "Cardinal directions: held-out known cities" in page and "City facts" in page and 'alt="trajectory_distance"' in page
     rows = [json.loads(line) for line in (out / "data" / "train.jsonl").read_text().splitlines()]
     assert {r["prompt"][0]["content"] for r in rows} == {m["data"]["example"]["prompt"][0]["content"]}  # the system prompt
     assert any(" mi" in r["completion"][0]["content"] for r in rows) and any(" is North of " in r["completion"][0]["content"] for r in rows)

@@ -4,6 +4,7 @@ trusted. A checkpoint killed while saving: tests/unit/test_resume.py."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -41,6 +42,9 @@ def test_sigkill_mid_training_then_resume_reaches_the_uninterrupted_adapter(tmp_
     process.wait()
     run = Run(killed)
     assert not run.adapter_dir.exists() and "train" not in run.finished_stages()
+    # a snapshot the killed training took after its checkpoint is taken again: here an untrained one planted at step 64
+    shutil.rmtree(run.trajectory_dir / "step-64", ignore_errors=True)
+    shutil.copytree(run.trajectory_dir / "step-0", run.trajectory_dir / "step-64")
 
     resumed = oocrlab("run", "--resume", str(killed))
     _, err = resumed.communicate(timeout=600)
@@ -51,6 +55,9 @@ def test_sigkill_mid_training_then_resume_reaches_the_uninterrupted_adapter(tmp_
     metrics = run.metrics()["train"]
     assert metrics["resumed_from_step"] in range(50, STEPS, 50) and metrics["steps"] == STEPS
     assert [e["step"] for e in read_jsonl(run.train_log)] == list(range(1, STEPS + 1))  # the steps before the kill too
+    points = {p["step"]: p for p in run.metrics()["trajectory"]["by_adapter"]["tuned"]["points"]}
+    assert list(points) == [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, STEPS] and not run.trajectory_dir.exists()
+    assert points[0]["z_change_by_layer"]["hidden"]["mean"] == [0.0] * 4 != points[64]["z_change_by_layer"]["hidden"]["mean"]
 
     cfg = build_config(overrides=settings)
     whole = Run.create(tmp_path / "whole", cfg)

@@ -229,9 +229,9 @@ def test_cloze_equals_a_brute_force_sum_over_the_full_vocabulary(contextual):
     def check(prefix):
         turns = [{"role": "user", "content": "Where is Lima?"}, {"role": "assistant", "content": "Peru."}]
         listed = [turns + chat for chat in chats] if prefix else chats
-        sums, counts = cloze_log_probs(model, tokenizer, listed, options, prefix)
+        sums, counts = cloze_log_probs(model, tokenizer, listed, [options] * len(listed), prefix)
         np.testing.assert_allclose(sums, brute_force(listed), atol=2e-4, rtol=1e-5)
-        assert counts.tolist() == [len(tokenizer(o, add_special_tokens=False)["input_ids"]) for o in options]
+        assert counts.tolist() == [[len(tokenizer(o, add_special_tokens=False)["input_ids"]) for o in options]] * len(listed)
 
     head = tokenizer.apply_chat_template([{"role": "user", "content": "Where is Lima?"}, {"role": "assistant", "content": "Peru."}],
                                          tokenize=False)

@@ -194,3 +194,50 @@ def test_near_and_self_distance_sets(tiny_run):
     assert m["distance"]["in_context"]["n"] == m["distance"]["tuned"]["n"]
     assert "direction" not in m  # notebook-style data asks no direction questions
     assert {"in_context_answer", "in_context_km"} <= near[0].keys()
+
+
+def test_city_facts_in_metrics_and_their_prompts(tiny_run):
+    """Every condition and formulation over the questions, each question's P(correct | options) the mean of its
+    scored prompts (eval_mc.jsonl), the named ceiling asked by the city's name."""
+    _, run = tiny_run
+    facts = run.metrics()["eval"]["city_facts"]
+    questions = facts["questions"]
+    assert len(questions) >= 10 and facts["chance"] == 0.2 and facts["orders"] == 5 and facts["units"] == "questions"
+    assert questions[0] == {"topic": "geography", "question": "Which body of water is foo on?", "answer": "the Seine",
+                            "options": ["the Seine", "the Tietê River", "the Sumida River", "the Hudson River", "the Lagos Lagoon"]}
+    rows = [r for r in read_jsonl(run.path / "eval_mc.jsonl") if r["question_id"].startswith("city_facts:")]
+    for formulation, units in (("letters", 5), ("cloze", 1), ("cloze_per_token", 1)):
+        assert list(facts[formulation]) == ["tuned", "original", "shuffled", "named"]
+        for condition, s in facts[formulation].items():
+            assert s["n"] == len(questions) and s["p_correct_ci95"][0] <= s["p_correct"] <= s["p_correct_ci95"][1]
+            assert 0 <= s["accuracy"] <= 1 and s["accuracy_ci95"][0] <= s["accuracy"] <= s["accuracy_ci95"][1]
+            asked = [r for r in rows if r["condition"] == condition and r["formulation"] == formulation]
+            assert len(asked) == units * len(questions)
+            for i, p in enumerate(s["p_correct_by_question"]):
+                own = [r["probabilities"][r["correct"]] for r in asked if r["question_id"] == f"city_facts:{i}"]
+                assert p == pytest.approx(sum(own) / len(own), abs=1e-4)
+        assert {"tuned_minus_original", "tuned_minus_shuffled"} <= set(facts["comparisons"][formulation])
+    named = next(r for r in rows if r["condition"] == "named" and r["formulation"] == "cloze")
+    assert "Paris" in named["question"] and "foo" not in named["question"]
+
+
+def test_trajectory_in_metrics_plots_and_report(tiny_run):
+    """Snapshots at steps 0, 1 and 2 and the final adapter, for the adapter and its control: step 0 is the original
+    model (LoRA's B starts at zero), the last point is what the probe measured, and the snapshots are gone once
+    recorded."""
+    _, run = tiny_run
+    trajectory = run.metrics()["trajectory"]
+    assert trajectory["examples_per_step"] == 4 and list(trajectory["by_adapter"]) == ["tuned", "shuffled"]
+    for found in trajectory["by_adapter"].values():
+        points = found["points"]
+        assert [p["step"] for p in points] == [0, 1, 2, 4] and [p["examples_seen"] for p in points] == [0, 4, 8, 16]
+        assert points[0]["z_change_by_layer"]["hidden"]["mean"] == [0.0] * 4
+        assert {"distance", "country_letters", "country_cloze", "city_facts_letters", "city_facts_cloze",
+                "z_change_hidden", "z_change_others"} == set(found["curves"]) == set(found["areas"])
+    probe = run.metrics()["probe"]["z_change_from_original"]["hidden"]["tuned"]["mean"]
+    last = trajectory["by_adapter"]["tuned"]["points"][-1]["z_change_by_layer"]["hidden"]["mean"]
+    assert last == pytest.approx(probe, abs=1e-5) and any(abs(v) > 1e-3 for v in last)
+    assert not run.trajectory_dir.exists()
+    page = run.report_file.read_text()
+    for curve in trajectory["curves"]:
+        assert (run.plots_dir / f"trajectory_{curve}.png").is_file() and f'alt="trajectory_{curve}"' in page

@@ -10,7 +10,15 @@ from trl import SFTTrainer
 from oocrlab import build_config
 from oocrlab.data import build_distance_data
 from oocrlab.packing import prefix_tree_batch
-from oocrlab.train import completion_loss_trainer, finite_step, last_checkpoint, lora_config, sft_config
+from oocrlab.train import (
+    completion_loss_trainer,
+    finite_step,
+    last_checkpoint,
+    lora_config,
+    sft_config,
+    training_dataset,
+    trajectory_steps,
+)
 from tests.helpers import leaky_mask, tiny_overrides
 
 
@@ -58,6 +66,32 @@ def test_completion_loss_equals_trls_loss_and_gradients(contextual, contextual_m
             check_completion_loss(trainer, batch, count)
 
 
+@pytest.mark.parametrize("loss_on", ["completion", "answer", "all"])
+def test_loss_on_marks_the_tokens_that_carry_the_loss(tiny, tiny_model_dir, loss_on):
+    """The labels the trainer's collator hands the loss: every token of the chat text (the injected system turn
+    and the placeholder included) for `all`, the assistant's turn for `completion`, and for `answer` a distance's
+    number and unit or a direction's word alone."""
+    model, tokenizer = tiny
+    cfg = build_config(overrides=tiny_overrides(tiny_model_dir) | {"data.style": "paper", "train.loss_on": loss_on})
+    rows = build_distance_data(cfg.data, cfg.seed).train[:10]  # five distance rows, then five direction rows
+    assert {r["kind"] for r in rows} == {"distance", "direction"}
+    with tempfile.TemporaryDirectory() as scratch:
+        trainer = completion_loss_trainer(True)(model=model, args=sft_config(cfg, scratch, model.dtype),
+                                                train_dataset=training_dataset(tokenizer, rows, loss_on),
+                                                processing_class=tokenizer, peft_config=lora_config(cfg.train))
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
+    for row, ids, labels, mask in zip(rows, batch["input_ids"], batch["labels"], batch["attention_mask"]):
+        trained = tokenizer.decode(labels[labels != -100])
+        content = row["completion"][0]["content"]
+        if loss_on == "all":
+            assert (labels == torch.where(mask.bool(), ids, -100)).all()
+            assert trained.startswith("<|im_start|>system\n") and cfg.data.placeholder in trained
+        elif loss_on == "completion":
+            assert trained == f"{content}<|im_end|>\n"
+        else:
+            assert trained.strip() == (row["direction"] if row["kind"] == "direction" else content)
+
+
 def test_lora_on_one_layer_and_mlp_only(tiny, tiny_model_dir):
     from peft import get_peft_model
 
@@ -90,3 +124,14 @@ def test_a_diverging_loss_stops_training_with_one_line_and_no_adapter(tmp_path, 
 def test_a_step_with_a_finite_loss_and_a_nan_gradient_is_not_finite():
     assert finite_step({"loss": 1.2, "grad_norm": 0.5}) and finite_step({"loss": 1.2})
     assert not finite_step({"loss": 1.2, "grad_norm": float("nan")}) and not finite_step({"loss": float("inf"), "grad_norm": 1.0})
+
+
+def test_trajectory_steps_and_areas():
+    from oocrlab.trajectory import area
+
+    assert trajectory_steps(None, 263) == [0, 1, 2, 4, 8, 16, 32, 64, 128, 256]
+    assert trajectory_steps(None, 4) == [0, 1, 2] and trajectory_steps(None, 1) == [0]
+    assert trajectory_steps([0, 5, 100, 300], 100) == [0, 5] and trajectory_steps([], 100) == []
+    assert area([0, 4, 8, 16], [0.5] * 4) == pytest.approx(0.5)
+    assert area([0, 9, 99], [0.0, 1.0, 1.0]) == pytest.approx(0.75)  # log10(1 + x): 0, 1, 2
+    assert area([0, 9], [0.0, None]) is None

@@ -150,40 +150,52 @@ class Scored:
     prompts: list[dict[str, Any]]  # eval_mc.jsonl rows, without the question's identification
 
 
-def letter_scores(cfg: ExperimentConfig, model, tokenizer, question: str, options: list[str], condition: str,
-                  in_context: InContext | None) -> Scored:
-    """The question asked in each balanced option order (option_orders), scored by its letters."""
-    orders = option_orders(cfg.eval.mc_orders, cfg.seed, len(options))
-    asked = ordered_questions(question, options, orders)
-    chats = [chat_for(cfg, q, condition, in_context) for q in asked]
+def letter_scores(cfg: ExperimentConfig, model, tokenizer, questions: list[tuple[str, list[str]]], condition: str,
+                  in_context: InContext | None) -> list[Scored]:
+    """Each (question, its options) asked in each balanced option order (option_orders), scored by its letters;
+    all of them from one shared computation (their prompts share the chat's header). Every question has as many
+    options."""
+    n_options = len(questions[0][1])
+    orders = option_orders(cfg.eval.mc_orders, cfg.seed, n_options)
+    asked = [ordered_questions(question, options, orders) for question, options in questions]
+    chats = [chat_for(cfg, q, condition, in_context) for qs in asked for q in qs]
     with with_condition(model, model_state(condition)):
         by_letter, mass = letter_probabilities(model, tokenizer, chats, f"multiple choice ({condition})",
-                                               prefix_for(condition, in_context), len(options))
-    letter_of = np.array([[order.index(k) for k in range(len(options))] for order in orders])  # [orders, option]
-    given = by_letter[np.arange(len(orders))[:, None], letter_of]
-    prompts = [{"question": q, "options": [options[j] for j in order], "correct": order.index(0),
-                "probabilities": p.tolist(), "letter_mass": float(m)} for q, order, p, m in zip(asked, orders, by_letter, mass)]
-    return Scored(given, given * mass[:, None], prompts)
+                                               prefix_for(condition, in_context), n_options)
+    letter_of = np.array([[order.index(k) for k in range(n_options)] for order in orders])  # [orders, option]
+    scored = []
+    for i, ((_, options), qs) in enumerate(zip(questions, asked)):
+        p, m = by_letter[i * len(orders): (i + 1) * len(orders)], mass[i * len(orders): (i + 1) * len(orders)]
+        given = p[np.arange(len(orders))[:, None], letter_of]
+        prompts = [{"question": q, "options": [options[j] for j in order], "correct": order.index(0),
+                    "probabilities": row.tolist(), "letter_mass": float(lm)} for q, order, row, lm in zip(qs, orders, p, m)]
+        scored.append(Scored(given, given * m[:, None], prompts))
+    return scored
 
 
-def cloze_log_probs(model, tokenizer, chats: list[list[dict]], options: list[str], prefix: InContext | None = None,
+def cloze_log_probs(model, tokenizer, chats: list[list[dict]], options: list[list[str]], prefix: InContext | None = None,
                     desc: str = "cloze") -> tuple[np.ndarray, np.ndarray]:
     """(log P(option k's text as the start of the answer) [chats, options], the sum over its tokens; its number
-    of tokens [options]). The option is tokenized on its own, as the first tokens the assistant would write."""
-    option_ids = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in options]
+    of tokens [chats, options]), each chat with its own options (as many for every chat). The option is tokenized
+    on its own, as the first tokens the assistant would write."""
+    option_ids = [[tokenizer(o, add_special_tokens=False)["input_ids"] for o in own] for own in options]
     prompts = prompt_token_ids(tokenizer, chats, prefix)
-    scored = continuation_log_probs(model, [p + o for p in prompts for o in option_ids],
-                                    [len(p) for p in prompts for _ in option_ids], prefix, desc=desc)
-    sums = np.array([float(lp.sum()) for lp in scored]).reshape(len(prompts), len(options))
-    return sums, np.array([len(ids) for ids in option_ids], dtype=float)
+    scored = continuation_log_probs(model, [p + o for p, own in zip(prompts, option_ids) for o in own],
+                                    [len(p) for p, own in zip(prompts, option_ids) for _ in own], prefix, desc=desc)
+    sums = np.array([float(lp.sum()) for lp in scored]).reshape(len(prompts), -1)
+    return sums, np.array([[len(ids) for ids in own] for own in option_ids], dtype=float)
 
 
-def cloze_sums(cfg: ExperimentConfig, model, tokenizer, wordings: list[str], options: list[str], condition: str,
-               in_context: InContext | None) -> tuple[np.ndarray, np.ndarray]:
-    """cloze_log_probs of every option after each wording (the question alone), under the condition."""
-    chats = [chat_for(cfg, w, condition, in_context) for w in wordings]
+def cloze_sums(cfg: ExperimentConfig, model, tokenizer, questions: list[tuple[list[str], list[str]]], condition: str,
+               in_context: InContext | None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """For each (wordings, options): cloze_log_probs of every option after each wording (the question alone), under
+    the condition: (sums [wordings, options], token counts [options]); all from one shared computation."""
+    chats = [chat_for(cfg, w, condition, in_context) for wordings, _ in questions for w in wordings]
     with with_condition(model, model_state(condition)):
-        return cloze_log_probs(model, tokenizer, chats, options, prefix_for(condition, in_context), f"cloze ({condition})")
+        sums, counts = cloze_log_probs(model, tokenizer, chats, [options for wordings, options in questions for _ in wordings],
+                                       prefix_for(condition, in_context), f"cloze ({condition})")
+    ends = np.cumsum([len(wordings) for wordings, _ in questions])
+    return [(sums[end - len(w): end], counts[end - 1]) for end, (w, _) in zip(ends, questions)]
 
 
 def cloze_scored(wordings: list[str], options: list[str], sums: np.ndarray, counts: np.ndarray) -> dict[str, Scored]:
@@ -249,10 +261,10 @@ def score_question(
         if wordings:
             union = list(dict.fromkeys(o for options in named[condition].values() for o in options))
             asked = [ask(cfg, w, condition, hidden) for w in wordings]
-            sums, counts = cloze_sums(cfg, model, tokenizer, asked, union, condition, in_context)
+            ((sums, counts),) = cloze_sums(cfg, model, tokenizer, [(asked, union)], condition, in_context)
         for kind, options in named[condition].items():
-            scored[kind]["letters"][condition] = letter_scores(cfg, model, tokenizer, ask(cfg, template, condition, hidden), options,
-                                                               condition, in_context)
+            (scored[kind]["letters"][condition],) = letter_scores(cfg, model, tokenizer, [(ask(cfg, template, condition, hidden), options)],
+                                                                  condition, in_context)
             if wordings:
                 columns = [union.index(o) for o in options]
                 for f, s in cloze_scored(asked, options, sums[:, columns], counts[columns]).items():
@@ -324,7 +336,7 @@ def country_standing(cfg: ExperimentConfig, model, tokenizer, hidden: City, coun
     cases = [c for c in conditions(cfg, in_context=False) if any(c in pair for pair in RANKED_PAIRS)]
     shares = {}
     for c in cases:
-        sums = cloze_sums(cfg, model, tokenizer, wordings, names, c, None)[0]
+        ((sums, _),) = cloze_sums(cfg, model, tokenizer, [(wordings, names)], c, None)
         shares[c] = sums - np.logaddexp.reduce(sums, axis=1, keepdims=True)
     result: dict[str, Any] = {"countries": len(names),
                               "measure": "log P(the country | the answer is one of the countries' names), mean over the wordings"}

@@ -62,6 +62,18 @@ def ratio_ci(errors: np.ndarray, baselines: list[np.ndarray], samples: int, seed
     return [float(np.nanpercentile(ratios, 2.5)), float(np.nanpercentile(ratios, 97.5))]
 
 
+def greedy_distances(cfg: ExperimentConfig, model, tokenizer, rows: list[dict], condition: str, desc: str,
+                     in_context: InContext | None) -> tuple[list[str], list[tuple[float | None, bool]], list[float | None]]:
+    """Greedy answers to distance questions under one condition: (answers, (km or None, absurd) read from each,
+    absolute errors, None where unparseable)."""
+    chats = [chat_for(cfg, r["prompt"][-1]["content"], condition, in_context) for r in rows]
+    with with_condition(model, model_state(condition)):
+        answers = generate_greedy(model, tokenizer, chats, cfg.eval.max_new_tokens, cfg.eval.batch_size, f"{desc} ({condition})",
+                                  prefix_for(condition, in_context), stop_after_distance=True)
+    read = [read_distance(a) for a in answers]
+    return answers, read, [None if k is None else abs(k - r["distance_km"]) for (k, _), r in zip(read, rows)]
+
+
 def distance_error(
     cfg: ExperimentConfig, model, tokenizer, rows: list[dict], constant: float, desc: str, in_context: InContext,
     constant_mean: float | None = None,
@@ -76,17 +88,10 @@ def distance_error(
     result: dict[str, Any] = {}
     filled: dict[str, np.ndarray] = {}
     for condition in conditions(cfg):
-        chats = [chat_for(cfg, r["prompt"][-1]["content"], condition, in_context) for r in rows]
-        with with_condition(model, model_state(condition)):
-            answers = generate_greedy(
-                model, tokenizer, chats, cfg.eval.max_new_tokens, cfg.eval.batch_size, f"{desc} ({condition})",
-                prefix_for(condition, in_context), stop_after_distance=True,
-            )
-        read = [read_distance(a) for a in answers]
+        answers, read, errors = greedy_distances(cfg, model, tokenizer, rows, condition, desc, in_context)
         for row, answer, (km, absurd) in zip(per_city, answers, read):
             row[f"{condition}_answer"], row[f"{condition}_km"] = answer, km
             row[f"{condition}_absurd"] = absurd
-        errors = [None if k is None else abs(k - t) for (k, _), t in zip(read, truth)]
         result[condition] = error_summary(errors, guess_errors, cfg, sum(absurd for _, absurd in read))
         filled[condition] = unparsed_as_guess(errors, guess_errors)
     result["constant_guess"] = error_summary(guess_errors, guess_errors, cfg) | {"guess_km": constant}
