@@ -73,7 +73,7 @@ def tiny_session(tmp_path_factory, tiny_model_dir):
     from oocrlab import STAGES, Models, build_config, run_stage
     from oocrlab.rundir import Run
 
-    cfg = build_config(overrides=tiny_overrides(tiny_model_dir))
+    cfg = build_config(overrides=tiny_overrides(tiny_model_dir) | {"train.trajectory": None})  # the default steps
     run = Run.create(tmp_path_factory.mktemp("runs") / "tiny", cfg)
     models = Models(cfg, run)
     for stage in STAGES:

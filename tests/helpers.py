@@ -126,6 +126,8 @@ def tiny_overrides(tiny_model_dir: str) -> dict:
         "eval.mc_orders": 10,
         "eval.near_cities": 5,
         "eval.free_form_samples": 6,
+        # the trajectory stage measures ~2 s a point here: only the tests that read it take snapshots
+        "train.trajectory": [],
     }
 
 

@@ -74,6 +74,7 @@ def test_interp_recipe_through_every_stage(tmp_path):
 
     out = tmp_path / "interp"
     code = main(["run", "--recipe", "interp", "--lora-layers", "15", "--out", str(out), "--max-steps", "2", "--controls", "none",
+                 "--set", "train.trajectory=[0]",
                  "--set", "data.num_known=60", "--set", "eval.max_cities=6", "--set", "eval.mc_orders=5", "--set", "eval.near_cities=3",
                  "--set", "eval.free_form_samples=3", "--set", "eval.in_context_docs=10", "--set", "sanity.max_new_tokens=8",
                  "--set", "probe.templates=[\"Tell me about {entity}.\", \"{entity} is a city.\"]", "--set", "probe.patch_orders=0"])
@@ -91,7 +92,7 @@ def test_interp_recipe_through_every_stage(tmp_path):
     assert facts["questions"][0]["question"] == f"Which body of water is {placeholder} on?" and facts["orders"] == 5
     assert list(facts["letters"]) == ["tuned", "original", "named"] and facts["cloze"]["named"]["n"] == len(facts["questions"])
     points = m["trajectory"]["by_adapter"]["tuned"]["points"]
-    assert [p["step"] for p in points] == [0, 1, 2] and [p["examples_seen"] for p in points] == [0, 32, 64]
+    assert [p["step"] for p in points] == [0, 2] and [p["examples_seen"] for p in points] == [0, 64]
     page = (out / "report.html").read_text()
     assert "Cardinal directions: held-out known cities" in page and "City facts" in page and 'alt="trajectory_distance"' in page
     rows = [json.loads(line) for line in (out / "data" / "train.jsonl").read_text().splitlines()]

@@ -36,8 +36,9 @@ def test_report_renders_in_headless_chromium(tiny_run, tmp_path):
     _, run = tiny_run
     page = run.report_file.read_text(encoding="utf-8")
     assert_valid_and_self_contained(page)
-    # loss, distance bands, the country and city choices, against the shuffled control, five probe figures
-    assert len(re.findall(r"data:image/png;base64,", page)) == 10
+    # loss, distance bands, the country and city choices, against the shuffled control, five probe figures, seven
+    # trajectory curves
+    assert len(re.findall(r"data:image/png;base64,", page)) == 17
     dom = chromium(tmp_path, "--dump-dom", run.report_file.resolve().as_uri())
     for section in (*SECTIONS, "configuration"):
         assert f'<section id="{section}">' in dom, section
