@@ -66,10 +66,6 @@ CURVES = {
 }
 
 
-def snapshot_name(step: int) -> str:
-    return f"step_{step}"
-
-
 class Reference:
     """What every point of one hidden city is measured against, worked out once: the held-out rows and their constant
     guess, the original model's errors on them, the questions and the probe's entities and the original model's z."""
@@ -164,7 +160,7 @@ def trajectory(cfg: ExperimentConfig, model, tokenizer, hidden: City, snapshots:
     for adapter, steps in snapshots.items():
         points = []
         for step, directory in tqdm(steps, desc=f"trajectory ({adapter})", leave=False):
-            name = adapter if directory is None else snapshot_name(step)
+            name = adapter if directory is None else f"step_{step}"
             if directory is not None:
                 add_adapter(model, directory, name)
             try:
