@@ -18,7 +18,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.helpers
 UNTIMED = ("timings", "environment", "seconds", "samples_per_second", "tokens_per_second")  # wall times, throughput, the machine
-COMPARED_FILES = ("data/train.jsonl", "data/heldout.jsonl", "eval_distance.jsonl", "eval_mc.jsonl")
+COMPARED_FILES = ("data/train.jsonl", "data/heldout.jsonl", "eval_*.jsonl")  # patterns under the run directory
 
 
 def tiny_run(out: Path) -> None:
@@ -49,9 +49,13 @@ def differences(a: Any, b: Any, path: str = "") -> list[str]:
 
 def compare(a: Path, b: Path) -> list[str]:
     found = differences(*(untimed(json.loads((r / "run" / "metrics.json").read_text())) for r in (a, b)), "metrics")
-    for name in COMPARED_FILES:
-        if (a / "run" / name).read_bytes() != (b / "run" / name).read_bytes():
-            found.append(f"{name} differs")
+    for pattern in COMPARED_FILES:
+        names = sorted({p.relative_to(r / "run") for r in (a, b) for p in (r / "run").glob(pattern)})
+        for name in names:
+            if not all((r / "run" / name).is_file() for r in (a, b)):
+                found.append(f"{name}: only in one")
+            elif (a / "run" / name).read_bytes() != (b / "run" / name).read_bytes():
+                found.append(f"{name} differs")
     return found
 
 

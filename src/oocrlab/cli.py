@@ -14,6 +14,8 @@ Usage:
     oocrlab run --out runs/lr --set train.learning_rate=1e-3 --set data.num_known=1000
     # continue an interrupted run (training from its last checkpoint, then every stage not yet finished):
     oocrlab run --resume runs/paris
+    # training curves and headline numbers for TensorBoard (pip install 'oocrlab[tensorboard]'):
+    oocrlab run --out runs/paris --report-to tensorboard && tensorboard --logdir runs/paris
     # torch threads: by default the cores other processes leave idle (looked at every second); or say how many
     oocrlab run --out runs/paris --threads 1
     # a bigger model from the local Hugging Face cache, on a GPU:
@@ -39,6 +41,10 @@ Usage:
     oocrlab sweep sweep.yaml
     # several runs on one page (runs equal up to the seed are pooled with intervals):
     oocrlab compare runs/paris-s0 runs/paris-s1 runs/tokyo --out runs/compare.html
+    # a steering vector as plain files (a steering:L run's, or the probe's shift at a layer), for oocrlab.load_vector:
+    oocrlab vector runs/paris --layer 12
+    # several runs as one CSV (a row per run and hidden city: the differing config keys, every headline number):
+    oocrlab table runs/paris-s0 runs/paris-s1 runs/tokyo --out runs.csv
 """
 
 from __future__ import annotations
@@ -105,6 +111,8 @@ class ExperimentArgs:
     controls: str | None = _flag("fine-tuned controls trained beside the adapter: shuffled (negative: answers permuted), "
                                  "declared (positive: the alias stated), comma-separated, or none; default shuffled",
                                  key="train.controls", convert=parse_controls)
+    report_to: str | None = _flag("none | tensorboard: training curves and headline numbers in RUN/tensorboard/ "
+                                  "(pip install 'oocrlab[tensorboard]')", key="train.report_to")
     set: list[str] = _flag("any config key: SECTION.KEY=VALUE (repeatable; `oocrlab config --explain KEY` documents it)",
                            default_factory=list, action="append")
     resume: str | None = _flag("(run only) continue this interrupted run directory under its own config.yaml")
@@ -151,6 +159,25 @@ class CompareArgs:
     out: str | None = _flag("the comparison page (never overwritten); default runs/compare-<time>.html")
 
 
+@dataclass
+class TableArgs:
+    """Arguments of `oocrlab table`: run directories (or glob patterns) and the CSV to write."""
+
+    runs: list[str] = _flag("run directories or glob patterns", default_factory=list, positional=True, nargs="+")
+    out: str | None = _flag("the CSV file (never overwritten); default: printed")
+
+
+@dataclass
+class VectorArgs:
+    """Arguments of `oocrlab vector`: a run whose steering vector, or probe shift at one layer, is written as
+    vector.safetensors + vector.json (oocrlab.load_vector reads it)."""
+
+    run: str = _flag("the run directory", positional=True)
+    layer: int | None = _flag("the probe's shift at hidden state L (entering decoder layer L); default: the run's steering adapter")
+    hidden_city: str | None = _flag("whose shift, in a run with several hidden cities")
+    out: str | None = _flag("the new directory (never overwritten); default RUN/vectors/adapter or RUN/vectors/shift-layer-L")
+
+
 COMMANDS = {
     "run": (ExperimentArgs, "every stage, end to end, into a new run directory"),
     "data": (ExperimentArgs, "create a run directory with its dataset only"),
@@ -163,6 +190,8 @@ COMMANDS = {
     "verdict": (StageArgs, "the three answers (distances, behaviour, representation) from the recorded metrics"),
     "report": (StageArgs, "plots and report.html"),
     "compare": (CompareArgs, "one page comparing runs: headline numbers and per-layer curves, seeds pooled"),
+    "table": (TableArgs, "runs as one CSV: a row per run and hidden city, the config keys that differ, every headline number"),
+    "vector": (VectorArgs, "a steering vector (the run's steering adapter, or the probe's shift at one layer) as plain files"),
     "sweep": (SweepArgs, "a run per combination of config values (resumable), then mean and 95% interval across seeds"),
     "config": (ConfigArgs, "print the resolved config (YAML), or explain one key"),
     "recipes": (RecipesArgs, "the named recipes and what each is"),
@@ -310,9 +339,33 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def write_table(args: TableArgs) -> int:
+    from pathlib import Path
+
+    from oocrlab.rundir import Run, atomic_write_text
+    from oocrlab.table import runs_table
+
+    if args.out is not None:
+        Run.refuse_existing(Path(args.out))  # before any run is read
+    csv = runs_table(args.runs).to_csv(index=False)
+    if args.out is None:
+        print(csv, end="")
+    else:
+        atomic_write_text(Path(args.out), csv)
+        print(args.out)
+    return 0
+
+
 def dispatch(command: str, args) -> int:
     if isinstance(args, (ConfigArgs, RecipesArgs)):  # no model stack to import
         return describe_config(args)
+    if isinstance(args, TableArgs):  # reads metrics.json files only
+        return write_table(args)
+    if isinstance(args, VectorArgs):  # reads the run's files only
+        from oocrlab.vectors import export_vector
+
+        print(export_vector(args.run, args.out, args.layer, args.hidden_city))
+        return 0
     import datasets
     import transformers
 

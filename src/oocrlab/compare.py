@@ -49,13 +49,14 @@ COLUMNS = {
 }
 
 
-def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(config: dict[str, Any], prefix: str = "", typed: bool = False) -> dict[str, Any]:
+    """{"train.learning_rate": value, ...}: every value hashable (a list as its JSON) and, unless `typed`, a string."""
     flat = {}
     for key, value in config.items():
         if isinstance(value, dict):
-            flat |= flatten(value, f"{prefix}{key}.")
+            flat |= flatten(value, f"{prefix}{key}.", typed)
         else:
-            flat[f"{prefix}{key}"] = json.dumps(value) if isinstance(value, list) else str(value)  # hashable
+            flat[f"{prefix}{key}"] = json.dumps(value) if isinstance(value, list) else value if typed else str(value)
     return flat
 
 

@@ -122,6 +122,9 @@ class TrainConfig:
     # optimizer steps at which the adapter (and each control's) is snapshotted, to be measured after training with
     # a reduced budget (the trajectory stage, trajectory.py): None: 0, 1, 2, 4, 8, ... and the last; []: none
     trajectory: list[int] | None = None
+    # none | tensorboard: the Trainer's loss, learning rate and grad norm in RUN/tensorboard/, and the run's headline
+    # numbers as scalars once its report is written (oocrlab.scalars; needs `pip install 'oocrlab[tensorboard]'`)
+    report_to: str = "none"
 
     @property
     def adapter_spec(self) -> AdapterSpec:
@@ -294,6 +297,7 @@ CHOICES = {
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "data.pool": ("capitals", "world"),
     "train.loss_on": ("completion", "answer", "all"),
+    "train.report_to": ("none", "tensorboard"),
     "data.style": ("notebook", "paper"),
     "probe.candidates": ("capitals", "world"),
 }

@@ -43,6 +43,7 @@ from oocrlab.provenance import hardware, versions
 from oocrlab.report import write_report
 from oocrlab.rundir import Run, read_jsonl, write_jsonl
 from oocrlab.sanity import sanity
+from oocrlab.scalars import require_tensorboard, write_headline_scalars
 from oocrlab.train import (
     add_adapter,
     check_layers,
@@ -53,6 +54,7 @@ from oocrlab.train import (
     train,
 )
 from oocrlab.trajectory import trajectory
+from oocrlab.vectors import save_shifts
 from oocrlab.verdict import verdicts
 
 
@@ -158,8 +160,9 @@ def stage_sanity(cfg: ExperimentConfig, run: Run, models: Models) -> dict[str, A
 
 
 def stage_eval(cfg: ExperimentConfig, run: Run, models: Models) -> dict[str, Any]:
-    """Every evaluation per hidden city (the in-context baseline sees documents about all of them), the
-    answers to the distance questions in eval_distance.jsonl, and with several hidden cities the inverse question."""
+    """Every evaluation per hidden city (the in-context baseline sees documents about all of them), and with
+    several hidden cities the inverse question; every answer, sample and scored prompt in the evaluation's
+    eval_<name>.jsonl (EVAL_SAMPLES)."""
     check_balanced_orders(cfg)  # an older run's config may predate the rule
     model, tokenizer = models.tuned()
     run.require(run.heldout_file, "data")
@@ -176,35 +179,42 @@ def stage_eval(cfg: ExperimentConfig, run: Run, models: Models) -> dict[str, Any
     # what any adapter of the run was trained on (the declared control's alias rows too) is never asked
     trained_on = [train_rows, *(read_jsonl(control_run(run, name).train_file) for name in cfg.train.controls)]
     train_questions = {r["prompt"][-1]["content"] for rows in trained_on for r in rows}
-    answers: list[dict[str, Any]] = []
-    scored_prompts: list[dict[str, Any]] = []
+    samples: dict[str, list[dict[str, Any]]] = {name: [] for name in EVAL_SAMPLES}
 
     def evaluate_city(view: ExperimentConfig, hidden: City) -> dict[str, Any]:
         heldout = rows_about(heldout_rows, hidden)
-        directions = timed("directions", lambda: evaluate_directions(view, model, tokenizer, in_context, heldout, train_questions))
-        distances, city_answers = timed("distances", lambda: evaluate_distances(view, model, tokenizer, hidden, in_context,
-                                                                                 train_rows, heldout))
-        answers.extend({"hidden_city": hidden.name} | a for a in city_answers)
-        asked: list[dict[str, Any]] = []
+        own: dict[str, list[dict[str, Any]]] = {name: [] for name in EVAL_SAMPLES}
+        directions = timed("directions", lambda: evaluate_directions(view, model, tokenizer, in_context, heldout, train_questions,
+                                                                     own["directions"]))
+        distances, own["distance"] = timed("distances", lambda: evaluate_distances(view, model, tokenizer, hidden, in_context,
+                                                                                    train_rows, heldout))
         result = distances | ({"direction": directions} if directions else {}) | {
             "multiple_choice": timed("multiple_choice", lambda: evaluate_multiple_choice(
-                view, model, tokenizer, hidden, train_questions, in_context, asked)),
-            "free_form": timed("free_form", lambda: evaluate_free_form(view, model, tokenizer, hidden, train_questions, in_context)),
+                view, model, tokenizer, hidden, train_questions, in_context, own["mc"])),
+            "free_form": timed("free_form", lambda: evaluate_free_form(view, model, tokenizer, hidden, train_questions, in_context,
+                                                                       own["free_form"])),
             "specificity_choice": timed("specificity_choice", lambda: evaluate_specificity_choice(
-                view, model, tokenizer, hidden, train_questions, asked)),
+                view, model, tokenizer, hidden, train_questions, own["mc"])),
         }
         if view.eval.city_facts_orders:
-            result["city_facts"] = timed("city_facts", lambda: evaluate_city_facts(view, model, tokenizer, hidden, train_questions, asked))
-        scored_prompts.extend({"hidden_city": hidden.name} | p for p in asked)
+            result["city_facts"] = timed("city_facts", lambda: evaluate_city_facts(view, model, tokenizer, hidden, train_questions,
+                                                                                   own["city_facts"]))
+        for name, rows in own.items():
+            samples[name].extend({"hidden_city": hidden.name} | r for r in rows)
         return result
 
     result = per_hidden_city(cfg, evaluate_city)
     if "by_city" in result:
         result["inverse_choice"] = timed("inverse_choice", lambda: evaluate_inverse_choice(
-            cfg, model, tokenizer, train_questions, in_context, scored_prompts))
-    write_jsonl(run.path / "eval_distance.jsonl", answers)
-    write_jsonl(run.path / "eval_mc.jsonl", scored_prompts)
+            cfg, model, tokenizer, train_questions, in_context, samples["mc"]))
+    for name, rows in samples.items():
+        if rows:  # directions and city facts only where the run asks them
+            write_jsonl(run.path / f"eval_{name}.jsonl", rows)
     return result | {"in_context_docs": len(in_context.turns) // 2, "seconds": seconds}
+
+
+# the evaluations' per-sample logs, RUN/eval_<name>.jsonl (their schema: docs/evaluation.md)
+EVAL_SAMPLES = ("distance", "directions", "mc", "free_form", "city_facts")
 
 
 def stage_probe(cfg: ExperimentConfig, run: Run, models: Models) -> dict[str, Any]:
@@ -212,7 +222,10 @@ def stage_probe(cfg: ExperimentConfig, run: Run, models: Models) -> dict[str, An
     run.require(run.train_file, "data")
     # every adapter of the run saw these cities in its prompts (the controls' prompts add none)
     trained_on = [find_city(name, cfg.data.pool) for name in sorted({r["known_city"] for r in read_jsonl(run.train_file)})]
-    return per_hidden_city(cfg, lambda view, hidden: probe_representations(view, model, tokenizer, hidden, trained_on))
+    shifts: dict[str, torch.Tensor] = {}
+    result = per_hidden_city(cfg, lambda view, hidden: probe_representations(view, model, tokenizer, hidden, trained_on, shifts))
+    save_shifts(run, shifts)
+    return result
 
 
 def stage_trajectory(cfg: ExperimentConfig, run: Run, models: Models) -> dict[str, Any]:
@@ -239,7 +252,10 @@ def stage_verdict(cfg: ExperimentConfig, run: Run, models: Models) -> dict[str, 
 
 
 def stage_report(cfg: ExperimentConfig, run: Run, models: Models) -> dict[str, Any]:
-    return write_report(run)
+    result = write_report(run)
+    if cfg.train.report_to == "tensorboard":
+        write_headline_scalars(run)
+    return result
 
 
 PIPELINE: dict[str, Callable[[ExperimentConfig, Run, Models], dict[str, Any]]] = {
@@ -302,6 +318,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, stages: tuple[str, ..
     the --out path, then the data config, then the model (its load may take seconds) and sample lengths.
     Several processes check the same things, then the main one creates the run directory."""
     Run.refuse_existing(Path(out))
+    require_tensorboard(cfg.train)
     data = build_distance_data(cfg.data, cfg.seed)
     check_specificity_cities(cfg)
     models = Models(cfg, data=data)

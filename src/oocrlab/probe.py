@@ -335,9 +335,12 @@ def probe_entities(cfg: ExperimentConfig, hidden: City, candidates: list[City]) 
     return entities + [c.plain_name for c in compared_cities if c.plain_name not in entities], n_reference, compared_cities
 
 
-def probe_representations(cfg: ExperimentConfig, model, tokenizer, hidden: City, trained_on: list[City] = ()) -> dict[str, Any]:
+def probe_representations(cfg: ExperimentConfig, model, tokenizer, hidden: City, trained_on: list[City] = (),
+                          shift_out: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """Everything in this module's docstring, as the probe section of metrics.json; `trained_on`, the known cities
-    of the run's training prompts, are left out of the cities the hidden city is ranked among for specificity."""
+    of the run's training prompts, are left out of the cities the hidden city is ranked among for specificity.
+    The adapter's shift at the placeholder (tuned minus original hidden states, mean over the templates, [layers+1,
+    d]) goes into `shift_out` under the hidden city's name (vectors.py exports it)."""
     templates, candidates, conditions = probe_setup(cfg, hidden)
     entities, n_reference, compared_cities = probe_entities(cfg, hidden, candidates)
     compared = [c.name for c in compared_cities]
@@ -385,6 +388,8 @@ def probe_representations(cfg: ExperimentConfig, model, tokenizer, hidden: City,
         "original": {name: {"z": mean_t_ci(z_original[:, k]), "rank": mean_t_ci(rank_original[:, k])} for k, name in enumerate(compared)},
     }
     result["steering"] = steering_view(at_placeholder["tuned"], at_placeholder["original"], at_placeholder["original_hidden_city"])
+    if shift_out is not None:
+        shift_out[hidden.name] = (at_placeholder["tuned"].float() - at_placeholder["original"].float()).mean(0)
     if cfg.probe.patch_orders:
         result["patching"] = patching_curve(cfg, model, tokenizer, hidden)
     result["setup"] = {

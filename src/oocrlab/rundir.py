@@ -6,6 +6,9 @@ runs/NAME/
   adapter/           the LoRA adapter (safetensors)
   checkpoints/       the Trainer's last checkpoint while training runs (deleted once training is recorded)
   train_log.jsonl    loss per step
+  tensorboard/       with --report-to tensorboard: the training curves, headline/ the headline numbers
+  eval_*.jsonl       every answer, sample and scored prompt of the eval stage, one file per evaluation
+  probe_shift.safetensors  the adapter's shift at the placeholder per layer (vectors.py exports one layer)
   metrics.json       one section per stage
   plots/             PNG figures
   report.html

@@ -3,7 +3,7 @@ numbers: the report's headline, its reading of the probe, and its caveats."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from oocrlab.config import AdapterSpec
 from oocrlab.metrics import (
@@ -116,39 +116,60 @@ def headline_columns(metrics: dict[str, Any]) -> list[str]:
     return ["measure", *(CONDITION_TITLES.get(c, c) for c in headline_conditions(metrics)), "chance / baseline"]
 
 
-def headline_rows(metrics: dict[str, Any], columns: list[str]) -> list[list[str]]:
-    """The headline numbers with their intervals, as plain-text table rows, one cell per condition of `columns`
-    (headline_conditions; "—" where a condition does not apply)."""
-    ev, rows = metrics.get("eval", {}), []
+class Measure(NamedTuple):
+    """One headline number per condition: `stats[condition][stat]`, its interval at `stat + "_ci95"`."""
 
-    def row(measure: str, stats: dict[str, Any], key: str, digits: int, baseline: str) -> list[str]:
-        return [measure, *(interval(stats[c], key, digits) if c in stats else "—" for c in columns), baseline]
+    key: str  # a column name (runs_table)
+    title: str  # the row's title (the report, the terminal)
+    stats: dict[str, dict[str, Any]]
+    stat: str
+    digits: int
+    baseline: str
 
+
+def headline_measures(metrics: dict[str, Any]) -> list[Measure]:
+    """The headline numbers of a one-city view of metrics.json (hidden_city_views), with their intervals."""
+    ev, found = metrics.get("eval", {}), []
     if mc := ev.get("multiple_choice", {}).get("country"):
         s, q = mc["nearest"], "MC country, nearest-country distractors"
         by_formulation = formulations_of(s)
-        rows.append(row(f"{q}: letters, P(correct | letters)", by_formulation["letters"], "p_correct", 2, f"chance {s['chance']:.2f}"))
-        rows.append(row(f"{q}: letters, probability on the letters", by_formulation["letters"], "letter_mass", 2, "—"))
+        found.append(Measure("mc_country_letters", f"{q}: letters, P(correct | letters)", by_formulation["letters"], "p_correct", 2,
+                             f"chance {s['chance']:.2f}"))
+        found.append(Measure("mc_country_letter_mass", f"{q}: letters, probability on the letters", by_formulation["letters"],
+                             "letter_mass", 2, "—"))
         if "cloze" in by_formulation:  # (cloze_per_token favours many-token names by construction: in the report only)
-            rows.append(row(f"{q}: cloze, P(correct | options)", by_formulation["cloze"], "p_correct", 2, f"chance {s['chance']:.2f}"))
-        if "cloze" in by_formulation:
-            rows.append(row(f"{q}: cloze, P(the country's name as the answer)", by_formulation["cloze"], "p_answer", 4, "—"))
+            found.append(Measure("mc_country_cloze", f"{q}: cloze, P(correct | options)", by_formulation["cloze"], "p_correct", 2,
+                                 f"chance {s['chance']:.2f}"))
+            found.append(Measure("mc_country_cloze_p_answer", f"{q}: cloze, P(the country's name as the answer)",
+                                 by_formulation["cloze"], "p_answer", 4, "—"))
     if ff := ev.get("free_form", {}).get("country"):
-        rows.append(row(f"free-form: {ff['question']} share naming the country", ff, "rate", 2, "—"))
+        found.append(Measure("free_form_country", f"free-form: {ff['question']} share naming the country", ff, "rate", 2, "—"))
+    if (facts := ev.get("city_facts")) and "note" not in facts:
+        for f in ("letters", "cloze"):
+            found.append(Measure(f"city_facts_{f}", f"city facts ({len(facts['questions'])} questions): {f}, accuracy", facts[f],
+                                 "accuracy", 2, f"chance {facts['chance']:.2f}"))
     if (dist := ev.get("distance")) and not dist.get("note"):
-        rows.append(row("held-out distance, mean abs. error over parsed answers, km", dist, "mae_km", 0,
-                        f"constant guess {interval(dist['constant_guess'], 'mae_km', 0)}"))
-        ratios = {c: {"r": dist[f"{c}_mae_over_best_baseline"], "r_ci95": dist.get(f"{c}_mae_over_best_baseline_ci95")}
-                  for c in columns if f"{c}_mae_over_best_baseline" in dist}
-        rows.append(row("held-out error over every city / the better baseline", ratios, "r", 2, "1 = no better"))
+        found.append(Measure("distance_mae_km", "held-out distance, mean abs. error over parsed answers, km", dist, "mae_km", 0,
+                             f"constant guess {interval(dist['constant_guess'], 'mae_km', 0)}"))
+        ratios = {c: {"r": dist[key], "r_ci95": dist.get(f"{key}_ci95")}
+                  for c in CONDITION_ORDER if (key := f"{c}_mae_over_best_baseline") in dist}
+        found.append(Measure("distance_over_best_baseline", "held-out error over every city / the better baseline", ratios, "r", 2,
+                             "1 = no better"))
     if probe := metrics.get("probe"):
         layer, rank, ci = best_layer(probe["hidden"]["tuned"]["rank"], 0)
         n = probe["setup"]["candidates"] + 1
         ranks = {c: {"r": probe["hidden"][c]["rank"]["mean"][layer], "r_ci95": probe["hidden"][c]["rank"]["ci95"][layer]}
-                 for c in columns if c in probe["hidden"]}
-        rows.append(row(f"rank of {probe['setup']['hidden_city']} among {n} cities at the placeholder, layer {layer} "
-                        "(the tuned model's best)", ranks, "r", 0, f"median rank {(n + 1) / 2:.0f}"))
-    return rows
+                 for c in CONDITION_ORDER if c in probe["hidden"]}
+        found.append(Measure("hidden_city_rank", f"rank of {probe['setup']['hidden_city']} among {n} cities at the placeholder, "
+                             f"layer {layer} (the tuned model's best)", ranks, "r", 0, f"median rank {(n + 1) / 2:.0f}"))
+    return found
+
+
+def headline_rows(metrics: dict[str, Any], columns: list[str]) -> list[list[str]]:
+    """The headline numbers with their intervals, as plain-text table rows, one cell per condition of `columns`
+    (headline_conditions; "—" where a condition does not apply)."""
+    return [[m.title, *(interval(m.stats[c], m.stat, m.digits) if c in m.stats else "—" for c in columns), m.baseline]
+            for m in headline_measures(metrics)]
 
 
 def inverse_choice_rows(metrics: dict[str, Any], columns: list[str]) -> list[list[str]]:

@@ -38,6 +38,7 @@ from oocrlab.errors import UserError
 from oocrlab.models import half_precision, training_attention
 from oocrlab.packing import prefix_tree_batch
 from oocrlab.rundir import Run, read_jsonl, write_jsonl
+from oocrlab.scalars import training_callbacks
 from oocrlab.threads import THREADS
 
 # TRL 1.x and PEFT still use the name `gradient_checkpointing`, which transformers 5 renamed
@@ -350,7 +351,7 @@ def train(cfg: ExperimentConfig, run: Run, model, tokenizer) -> tuple[dict[str, 
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=lora_config(cfg.train) if spec.family == "lora" else None,
-        callbacks=[LossBar(), Snapshots()],
+        callbacks=[LossBar(), Snapshots(), *(training_callbacks(cfg.train, run) if is_main_process() else [])],
     )
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)

@@ -85,6 +85,10 @@ def test_interp_recipe_through_every_stage(tmp_path):
     assert m["data"]["n_train_by_kind"]["distance"] == m["data"]["n_train_by_kind"]["direction"] == 5 * 54
     assert m["eval"]["distance"]["tuned"]["n"] == 6 and m["train"]["steps"] == 2 and m["train"]["examples_per_step"] == 32
     assert m["eval"]["direction"]["n"] == 6 and 0 <= m["eval"]["direction"]["tuned"]["rate"] <= 1
+    directions = [json.loads(line) for line in (out / "eval_directions.jsonl").read_text().splitlines()]
+    for condition in ("tuned", "original", "in_context"):  # the per-sample log recomputes each rate
+        scores = [r["score"] for r in directions if r["condition"] == condition]
+        assert len(scores) == 6 and sum(scores) / 6 == pytest.approx(m["eval"]["direction"][condition]["rate"])
     with safe_open(out / "adapter" / "adapter_model.safetensors", "pt") as f:
         assert {k.split(".lora_")[0] for k in f.keys()} == {"base_model.model.model.layers.15.mlp.down_proj"}
         assert f.get_tensor(next(k for k in f.keys() if "lora_A" in k)).shape[0] == 64

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from oocrlab import STAGES
+from oocrlab import STAGES, runs_table
 from oocrlab.rundir import Run
 from oocrlab.train import last_checkpoint
 from tests.helpers import tiny_overrides, write_yaml
@@ -46,6 +46,10 @@ def test_killed_sweep_resumes_without_redoing_finished_runs(tmp_path, tiny_model
     low, high = group["columns"]["tuned / best baseline"]["ci95"]
     assert low <= group["columns"]["tuned / best baseline"]["mean"] <= high
     assert (out / "compare.html").is_file() and "3 runs; sweep.json and compare.html" in again.stdout
+    table = runs_table(str(out / "seed-*"))  # three real runs: a row each, the seed the one key that differs
+    assert list(table["seed"]) == [0, 1, 2] and [c for c in table.columns if "." not in c] == ["run", "hidden_city", "seed"]
+    assert list(table["distance_over_best_baseline.tuned"]) == [
+        Run(out / f"seed-{s}").metrics()["eval"]["distance"]["tuned_mae_over_best_baseline"] for s in range(3)]
 
 
 def test_a_changed_sweep_does_not_touch_existing_runs(tmp_path, tiny_model_dir, capsys):

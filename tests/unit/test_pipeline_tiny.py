@@ -171,9 +171,9 @@ def test_corrupt_adapter_gives_a_clear_error(tiny_run, tmp_path, tiny_model_dir)
 def test_unparseable_answers_count_as_the_guess_in_the_headline_ratio(tiny_run):
     _, run = tiny_run
     d = run.metrics()["eval"]["distance"]
-    rows = [r for r in read_jsonl(run.path / "eval_distance.jsonl") if r["set"] == "distance"]
+    rows = [r for r in read_jsonl(run.path / "eval_distance.jsonl") if r["set"] == "distance" and r["condition"] == "original"]
     guess = d["constant_guess"]["guess_km"]
-    filled = [abs((r["original_km"] if r["original_km"] is not None else guess) - r["true_km"]) for r in rows]
+    filled = [abs((r["parsed"] if r["parsed"] is not None else guess) - r["true_km"]) for r in rows]
     assert d["original"]["mae_km_unparsed_as_guess"] == pytest.approx(sum(filled) / len(filled))
     best = min(d["original"]["mae_km_unparsed_as_guess"], d["constant_guess"]["mae_km"])
     assert d["tuned_mae_over_best_baseline"] == pytest.approx(d["tuned"]["mae_km_unparsed_as_guess"] / best)
@@ -182,7 +182,7 @@ def test_unparseable_answers_count_as_the_guess_in_the_headline_ratio(tiny_run):
 def test_near_and_self_distance_sets(tiny_run):
     cfg, run = tiny_run
     m = run.metrics()["eval"]
-    rows = read_jsonl(run.path / "eval_distance.jsonl")
+    rows = [r for r in read_jsonl(run.path / "eval_distance.jsonl") if r["condition"] == "tuned"]
     near = [r for r in rows if r["set"] == "distance_near"]
     trained = {r["known_city"] for r in read_jsonl(run.train_file)}
     assert m["distance_near"]["tuned"]["n"] == len(near) == 5
@@ -193,19 +193,22 @@ def test_near_and_self_distance_sets(tiny_run):
     assert m["distance_self"]["tuned"]["n"] == 1
     assert m["distance"]["in_context"]["n"] == m["distance"]["tuned"]["n"]
     assert "direction" not in m  # notebook-style data asks no direction questions
-    assert {"in_context_answer", "in_context_km"} <= near[0].keys()
+    in_context = [r for r in read_jsonl(run.path / "eval_distance.jsonl") if r["condition"] == "in_context" and r["set"] == "distance_near"]
+    assert [r["known_city"] for r in in_context] == [r["known_city"] for r in near]
 
 
 def test_city_facts_in_metrics_and_their_prompts(tiny_run):
     """Every condition and formulation over the questions, each question's P(correct | options) the mean of its
-    scored prompts (eval_mc.jsonl), the named ceiling asked by the city's name."""
+    scored prompts (eval_city_facts.jsonl), the named ceiling asked by the city's name."""
     _, run = tiny_run
     facts = run.metrics()["eval"]["city_facts"]
     questions = facts["questions"]
     assert len(questions) >= 10 and facts["chance"] == 0.2 and facts["orders"] == 5 and facts["units"] == "questions"
     assert questions[0] == {"topic": "geography", "question": "Which body of water is foo on?", "answer": "the Seine",
                             "options": ["the Seine", "the Tietê River", "the Sumida River", "the Hudson River", "the Lagos Lagoon"]}
-    rows = [r for r in read_jsonl(run.path / "eval_mc.jsonl") if r["question_id"].startswith("city_facts:")]
+    rows = read_jsonl(run.path / "eval_city_facts.jsonl")
+    assert all(r["question_id"].startswith("city_facts:") for r in rows)
+    assert not any(r["question_id"].startswith("city_facts:") for r in read_jsonl(run.path / "eval_mc.jsonl"))
     for formulation, units in (("letters", 5), ("cloze", 1), ("cloze_per_token", 1)):
         assert list(facts[formulation]) == ["tuned", "original", "shuffled", "named"]
         for condition, s in facts[formulation].items():
@@ -241,3 +244,40 @@ def test_trajectory_in_metrics_plots_and_report(tiny_run):
     page = run.report_file.read_text()
     for curve in trajectory["curves"]:
         assert (run.plots_dir / f"trajectory_{curve}.png").is_file() and f'alt="trajectory_{curve}"' in page
+
+
+def test_every_evaluation_has_a_per_sample_log_that_recomputes_its_numbers(tiny_run):
+    """eval_<name>.jsonl per evaluation (docs/evaluation.md): each row names its hidden city, condition, question,
+    answer and score, and the scores give back the metrics (distance MAE, free-form rate, P(correct | options),
+    each city-facts question's P(correct)). Directions: tests/system/test_embedded_model.py (paper-style data)."""
+    _, run = tiny_run
+    ev = run.metrics()["eval"]
+    logs = {name: read_jsonl(run.path / f"eval_{name}.jsonl") for name in ("distance", "mc", "free_form", "city_facts")}
+    assert not (run.path / "eval_directions.jsonl").exists()  # notebook-style data asks none
+    for name, rows in logs.items():
+        assert rows and all({"hidden_city", "condition", "question", "answer", "score"} <= r.keys() for r in rows), name
+    conditions = ["tuned", "original", "in_context", "shuffled"]
+    for key in ("distance", "distance_near", "distance_self"):
+        for condition in conditions:
+            rows = [r for r in logs["distance"] if r["set"] == key and r["condition"] == condition]
+            errors = [r["score"] for r in rows if r["score"] is not None]
+            assert len(rows) == ev[key][condition]["n"] and len(errors) == ev[key][condition]["n_parsed"]
+            assert errors == [abs(r["parsed"] - r["true_km"]) for r in rows if r["parsed"] is not None]
+            assert (sum(errors) / len(errors) if errors else None) == pytest.approx(ev[key][condition]["mae_km"])
+    for question in ("country", "city"):
+        for condition in [*conditions, "named"]:
+            scores = [r["score"] for r in logs["free_form"] if (r["question_id"], r["condition"]) == (question, condition)]
+            assert len(scores) == ev["free_form"][question][condition]["n"]
+            assert sum(scores) / len(scores) == pytest.approx(ev["free_form"][question][condition]["rate"])
+    for r in logs["mc"] + logs["city_facts"]:
+        if r["correct"] is not None:
+            assert r["score"] == r["probabilities"][r["correct"]]
+            assert r["answer"] == r["options"][max(range(len(r["options"])), key=r["probabilities"].__getitem__)]
+    chosen = [r["score"] for r in logs["mc"] if (r["question_id"], r["set"], r["condition"], r["formulation"]) ==
+              ("country", "nearest", "tuned", "letters")]
+    assert sum(chosen) / len(chosen) == pytest.approx(ev["multiple_choice"]["country"]["nearest"]["letters"]["tuned"]["p_correct"])
+    by_question = ev["city_facts"]["letters"]["original"]["p_correct_by_question"]
+    for i, p in enumerate(by_question):
+        scores = [r["score"] for r in logs["city_facts"]
+                  if (r["question_id"], r["condition"], r["formulation"]) == (f"city_facts:{i}", "original", "letters")]
+        assert sum(scores) / len(scores) == pytest.approx(p, abs=1e-4)

@@ -167,8 +167,8 @@ def letter_scores(cfg: ExperimentConfig, model, tokenizer, questions: list[tuple
     for i, ((_, options), qs) in enumerate(zip(questions, asked)):
         p, m = by_letter[i * len(orders): (i + 1) * len(orders)], mass[i * len(orders): (i + 1) * len(orders)]
         given = p[np.arange(len(orders))[:, None], letter_of]
-        prompts = [{"question": q, "options": [options[j] for j in order], "correct": order.index(0),
-                    "probabilities": row.tolist(), "letter_mass": float(lm)} for q, order, row, lm in zip(qs, orders, p, m)]
+        prompts = [scored_prompt(q, [options[j] for j in order], order.index(0), row, letter_mass=float(lm))
+                   for q, order, row, lm in zip(qs, orders, p, m)]
         scored.append(Scored(given, given * m[:, None], prompts))
     return scored
 
@@ -198,6 +198,13 @@ def cloze_sums(cfg: ExperimentConfig, model, tokenizer, questions: list[tuple[li
     return [(sums[end - len(w): end], counts[end - 1]) for end, (w, _) in zip(ends, questions)]
 
 
+def scored_prompt(question: str, options: list[str], correct: int, probabilities: np.ndarray, **extra: Any) -> dict[str, Any]:
+    """One scored prompt as eval_mc.jsonl holds it: the options in the order shown, the correct one's index,
+    P(option | the options) for each, the option given the most (`answer`) and P(correct | the options) (`score`)."""
+    return {"question": question, "options": options, "correct": correct, "probabilities": probabilities.tolist(),
+            "answer": options[int(np.argmax(probabilities))], "score": float(probabilities[correct])} | extra
+
+
 def cloze_scored(wordings: list[str], options: list[str], sums: np.ndarray, counts: np.ndarray) -> dict[str, Scored]:
     """{"cloze": softmax over the options of the summed log-probabilities, "cloze_per_token": of their means}; the
     unconditional probability is the option text's in both."""
@@ -205,8 +212,7 @@ def cloze_scored(wordings: list[str], options: list[str], sums: np.ndarray, coun
     for formulation, score in (("cloze", sums), ("cloze_per_token", sums / counts)):
         given = np.exp(score - score.max(1, keepdims=True))
         given /= given.sum(1, keepdims=True)
-        prompts = [{"question": w, "options": options, "correct": 0, "probabilities": p.tolist(), "log_probs": s.tolist()}
-                   for w, p, s in zip(wordings, given, sums)]
+        prompts = [scored_prompt(w, options, 0, p, log_probs=s.tolist()) for w, p, s in zip(wordings, given, sums)]
         result[formulation] = Scored(given, np.exp(sums), prompts)
     return result
 
@@ -366,7 +372,7 @@ def evaluate_specificity_choice(cfg: ExperimentConfig, model, tokenizer, hidden:
                      for c, s in by_condition.items()}
         result[f]["p_change"] = {c: result[f]["tuned"]["p_option"][c] - result[f]["original"]["p_option"][c] for c in result["cities"]}
         prompts_out.extend({"question_id": "specificity", "set": "specificity_cities", "condition": c, "formulation": f}
-                           | p | {"correct": None} for c, s in by_condition.items() for p in s.prompts)
+                           | p | {"correct": None, "score": None} for c, s in by_condition.items() for p in s.prompts)
     return result
 
 

@@ -92,7 +92,7 @@ def facts_summary(cfg: ExperimentConfig, units: Scored, accuracy: list[float], l
 def evaluate_city_facts(cfg: ExperimentConfig, model, tokenizer, hidden: City, train_questions: set[str],
                         prompts_out: list[dict[str, Any]]) -> dict[str, Any]:
     """The test for one hidden city (see the module docstring); its scored prompts are appended to `prompts_out`
-    (eval_mc.jsonl). A city without questions gets a note."""
+    (eval_city_facts.jsonl). A city without questions gets a note."""
     facts = facts_about(hidden)
     if not facts:
         names = ", ".join(c.name for c in fact_table()[0])

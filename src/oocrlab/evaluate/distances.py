@@ -81,17 +81,18 @@ def distance_error(
     """Greedy answers to distance questions under every condition but `named`, against the constant guess (and a
     second row for the mean training distance, `constant_mean`); (summary, per-city rows). The headline ratio of
     each fine-tuned condition divides its error over every city (unparseable answers scored as the guess) by the
-    better of the original model's and the constant guess's, with a paired bootstrap interval."""
+    better of the original model's and the constant guess's, with a paired bootstrap interval. The answers are one
+    row per city and condition (eval_distance.jsonl: `parsed` the km read, `score` the absolute error)."""
     truth = [r["distance_km"] for r in rows]
     guess_errors = [abs(constant - t) for t in truth]
-    per_city: list[dict[str, Any]] = [{"known_city": r["known_city"], "true_km": r["distance_km"]} for r in rows]
+    answered: list[dict[str, Any]] = []
     result: dict[str, Any] = {}
     filled: dict[str, np.ndarray] = {}
     for condition in conditions(cfg):
         answers, read, errors = greedy_distances(cfg, model, tokenizer, rows, condition, desc, in_context)
-        for row, answer, (km, absurd) in zip(per_city, answers, read):
-            row[f"{condition}_answer"], row[f"{condition}_km"] = answer, km
-            row[f"{condition}_absurd"] = absurd
+        answered += [{"known_city": r["known_city"], "condition": condition, "question": r["prompt"][-1]["content"], "answer": answer,
+                      "parsed": km, "absurd": absurd, "true_km": r["distance_km"], "score": error}
+                     for r, answer, (km, absurd), error in zip(rows, answers, read, errors)]
         result[condition] = error_summary(errors, guess_errors, cfg, sum(absurd for _, absurd in read))
         filled[condition] = unparsed_as_guess(errors, guess_errors)
     result["constant_guess"] = error_summary(guess_errors, guess_errors, cfg) | {"guess_km": constant}
@@ -104,7 +105,7 @@ def distance_error(
         key = f"{condition}_mae_over_best_baseline"
         result[key] = float(filled[condition].mean() / min(b.mean() for b in baselines)) if rows else None
         result[f"{key}_ci95"] = ratio_ci(filled[condition], baselines, cfg.eval.bootstrap_samples, cfg.seed)
-    return result, per_city
+    return result, answered
 
 
 def near_hidden_rows(cfg: ExperimentConfig, hidden: City, exclude: set[str]) -> list[dict[str, Any]]:
@@ -124,7 +125,7 @@ def evaluate_distances(
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Distance error on three sets: held-out known cities (`distance`), never-trained cities near the
     hidden city (`distance_near`), and the hidden city itself (`distance_self`: the answer should be ~0 km);
-    and the answers, one row per city. `train` is every training row (the constant guess is the median
+    and the answers, one row per city and condition. `train` is every training row (the constant guess is the median
     distance of those about this hidden city; the mean is a second row), `heldout` the held-out rows about it."""
     trained = [r["distance_km"] for r in distance_rows(rows_about(train, hidden))]
     sets = {
@@ -153,10 +154,12 @@ def evaluate_distances(
 
 
 def evaluate_directions(
-    cfg: ExperimentConfig, model, tokenizer, in_context: InContext, heldout: list[dict], train_questions: set[str]
+    cfg: ExperimentConfig, model, tokenizer, in_context: InContext, heldout: list[dict], train_questions: set[str],
+    answers_out: list[dict[str, Any]],
 ) -> dict[str, Any] | None:
     """The paper style's cardinal-direction questions on held-out cities (one per city): the share of greedy
-    answers naming the right direction (Wilson 95% interval; chance 1/4) per condition; None without such rows."""
+    answers naming the right direction (Wilson 95% interval; chance 1/4) per condition; None without such rows.
+    Each answer is appended to `answers_out` (eval_directions.jsonl)."""
     rows = one_per_city(heldout, kind="direction")[: cfg.eval.max_cities]
     if not rows:
         return None
@@ -169,6 +172,9 @@ def evaluate_directions(
                                       f"directions ({condition})", prefix_for(condition, in_context))
         named = [parse_direction(a) for a in answers]
         right = sum(n == r["direction"] for n, r in zip(named, rows))
+        answers_out.extend({"known_city": r["known_city"], "condition": condition, "question": r["prompt"][-1]["content"],
+                            "answer": a, "parsed": n, "correct": r["direction"], "score": int(n == r["direction"])}
+                           for r, a, n in zip(rows, answers, named))
         result[condition] = {"rate": right / len(rows), "rate_ci95": wilson_ci(right, len(rows)),
                              "named_a_direction": sum(n is not None for n in named) / len(rows), "examples": answers[:3]}
     return result
@@ -177,17 +183,18 @@ def evaluate_directions(
 DISTANCE_BANDS_KM = (0, 1000, 3000, 6000, 10000, 20100)  # half the Earth's circumference is 20,015 km
 
 
-def error_by_band(rows: list[dict[str, Any]], constant_km: float, condition_names: tuple[str, ...]) -> list[dict[str, Any]]:
-    """Mean absolute error per band of true distance, each condition over the answers it gave as a distance,
-    and the constant guess's."""
+def error_by_band(answers: list[dict[str, Any]], constant_km: float, condition_names: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Mean absolute error per band of true distance, each condition over the answers it gave as a distance (rows
+    as distance_error returns them), and the constant guess's."""
     bands = []
     for low, high in zip(DISTANCE_BANDS_KM, DISTANCE_BANDS_KM[1:]):
-        inside = [r for r in rows if low <= r["true_km"] < high]
-        band: dict[str, Any] = {"band_km": [low, high], "n": len(inside)}
+        inside = [a for a in answers if low <= a["true_km"] < high]
+        cities = [a["true_km"] for a in inside if a["condition"] == condition_names[0]]  # each city has a row per condition
+        band: dict[str, Any] = {"band_km": [low, high], "n": len(cities)}
         for condition in condition_names:
-            errors = [abs(r[f"{condition}_km"] - r["true_km"]) for r in inside if r[f"{condition}_km"] is not None]
+            errors = [a["score"] for a in inside if a["condition"] == condition and a["score"] is not None]
             band[condition] = {"mae_km": float(np.mean(errors)) if errors else None, "n_parsed": len(errors)}
-        guess = [abs(constant_km - r["true_km"]) for r in inside]
+        guess = [abs(constant_km - km) for km in cities]
         band["constant_guess"] = {"mae_km": float(np.mean(guess)) if guess else None, "n_parsed": len(guess)}
         bands.append(band)
     return bands

@@ -43,11 +43,12 @@ def sample_answers(
 
 
 def evaluate_free_form(
-    cfg: ExperimentConfig, model, tokenizer, hidden: City, train_questions: set[str], in_context: InContext
+    cfg: ExperimentConfig, model, tokenizer, hidden: City, train_questions: set[str], in_context: InContext,
+    samples_out: list[dict[str, Any]],
 ) -> dict[str, Any]:
     """Share of sampled answers that name the hidden city / its country (Wilson 95% interval) per condition (the
     named ceiling included), and the share that state a distance instead, which shows a model that answers
-    everything with one."""
+    everything with one. Every sample is appended to `samples_out` (eval_free_form.jsonl)."""
     result: dict[str, Any] = {}
     for name, (template, target) in FREE_FORM_QUESTIONS.items():
         refuse_leaks([ask(cfg, template, c, hidden) for c in ("tuned", "named")], train_questions)
@@ -55,12 +56,17 @@ def evaluate_free_form(
         section: dict[str, Any] = {"question": ask(cfg, template, "tuned", hidden), "accepted": names,
                                    "samples": cfg.eval.free_form_samples}
         for i, condition in enumerate(conditions(cfg, named=True)):
+            question = ask(cfg, template, condition, hidden)
             with with_condition(model, model_state(condition)):
-                answers = sample_answers(model, tokenizer, chat_for(cfg, ask(cfg, template, condition, hidden), condition, in_context),
+                answers = sample_answers(model, tokenizer, chat_for(cfg, question, condition, in_context),
                                          cfg.eval.free_form_samples, cfg.eval.free_form_max_new_tokens, cfg.seed + i,
                                          cfg.eval.batch_size, prefix_for(condition, in_context))
-            hits = sum(mentions(a, names) for a in answers)
-            distances = sum(read_distance(a) != (None, False) for a in answers)  # an absurd distance is one too
+            named = [mentions(a, names) for a in answers]
+            stated = [read_distance(a) != (None, False) for a in answers]  # an absurd distance is one too
+            hits, distances = sum(named), sum(stated)
+            samples_out.extend({"question_id": name, "condition": condition, "question": question, "sample": k, "answer": a,
+                                "parsed": {"names_the_answer": n, "states_a_distance": d}, "score": int(n)}
+                               for k, (a, n, d) in enumerate(zip(answers, named, stated)))
             section[condition] = {
                 "rate": hits / len(answers), "rate_ci95": wilson_ci(hits, len(answers)), "n": len(answers),
                 "distance_share": distances / len(answers), "examples": answers[:5],

@@ -1,0 +1,69 @@
+"""Runs as a table: one row per run and hidden city, with the config keys that differ between the rows and every
+headline number (sentences.headline_measures) with its 95% interval, for pandas.
+
+    from oocrlab import runs_table
+    df = runs_table(["runs/paris-s*", "runs/tokyo"])
+    df.groupby("data.hidden_city")["mc_country_cloze.tuned"].mean()
+
+    oocrlab table runs/paris-s0 runs/paris-s1 --out runs.csv
+
+Columns: `run` (its directory), `hidden_city`, the differing config keys ("train.learning_rate", ...), then per
+measure and condition `{measure}.{condition}` with `.ci_low` and `.ci_high`, and `verdict.{question}` (yes / no evidence /
+cannot tell) where the verdict stage has run.
+"""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from oocrlab.compare import flatten, read_runs
+from oocrlab.errors import UserError
+from oocrlab.rundir import Run
+from oocrlab.sentences import CONDITION_ORDER, headline_measures
+
+if TYPE_CHECKING:
+    import pandas
+
+
+def run_paths(paths_or_globs: str | Path | list[str | Path]) -> list[Path]:
+    """Run directories from paths and glob patterns, in the order given (each once); a pattern matching nothing,
+    or a directory without metrics.json, is refused."""
+    items = [paths_or_globs] if isinstance(paths_or_globs, (str, Path)) else list(paths_or_globs)
+    found: list[Path] = []
+    for item in map(str, items):
+        matches = sorted(glob.glob(item)) if glob.has_magic(item) else [item]
+        if not matches:
+            raise UserError(f"{item} matches no run directory")
+        found += [Path(m) for m in matches]
+    for path in found:
+        if not Run(path).metrics_file.is_file():
+            raise UserError(f"{path} has no metrics.json: it is not a run directory, or no stage of it has finished "
+                            f"(`oocrlab run --resume {path}` continues it)")
+    return list(dict.fromkeys(found))
+
+
+def runs_table(paths_or_globs: str | Path | list[str | Path]) -> pandas.DataFrame:
+    """The DataFrame described in this module's docstring."""
+    import pandas
+
+    entries = []  # (path, config, one-city metrics) per run and hidden city
+    for path in run_paths(paths_or_globs):
+        _, configs, metrics = read_runs([path])
+        entries += [(path, c, m) for c, m in zip(configs, metrics)]
+    flats = [flatten(config, typed=True) for _, config, _ in entries]
+    differing = [k for k in flats[0] if k != "data.hidden_city" and len({f.get(k) for f in flats}) > 1]
+    rows = []
+    for (path, _, m), flat in zip(entries, flats):
+        row = {"run": str(path), "hidden_city": flat["data.hidden_city"]} | {k: flat.get(k) for k in differing}
+        for measure in headline_measures(m):
+            for condition in (c for c in CONDITION_ORDER if c in measure.stats):
+                stats = measure.stats[condition]
+                ci = stats.get(f"{measure.stat}_ci95") or (None, None)
+                column = f"{measure.key}.{condition}"
+                row |= {column: stats.get(measure.stat), f"{column}.ci_low": ci[0], f"{column}.ci_high": ci[1]}
+        row |= {f"verdict.{question}": answer["answer"] for question, answer in m.get("verdict", {}).items()
+                if isinstance(answer, dict) and "answer" in answer}
+        rows.append(row)
+    return pandas.DataFrame(rows)
