@@ -14,6 +14,8 @@ Usage:
     oocrlab run --out runs/lr --set train.learning_rate=1e-3 --set data.num_known=1000
     # continue an interrupted run (training from its last checkpoint, then every stage not yet finished):
     oocrlab run --resume runs/paris
+    # redo one stage and every one after it (retrain a damaged adapter, re-evaluate after an upgrade):
+    oocrlab run --resume runs/paris --from train
     # training curves and headline numbers for TensorBoard (pip install 'oocrlab[tensorboard]'):
     oocrlab run --out runs/paris --report-to tensorboard && tensorboard --logdir runs/paris
     # torch threads: by default the cores other processes leave idle (looked at every second); or say how many
@@ -52,6 +54,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
+import signal
 import sys
 import time
 import typing
@@ -116,6 +119,8 @@ class ExperimentArgs:
     set: list[str] = _flag("any config key: SECTION.KEY=VALUE (repeatable; `oocrlab config --explain KEY` documents it)",
                            default_factory=list, action="append")
     resume: str | None = _flag("(run only) continue this interrupted run directory under its own config.yaml")
+    from_stage: str | None = _flag("(with --resume) redo this stage and every one after it, e.g. --from train to retrain",
+                                   flag="from")
     threads: int | None = _flag(THREADS_HELP)
 
 
@@ -217,7 +222,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, action="append", default=[],
                                 metavar="KEY=VALUE", help=meta["help"])
         else:
-            parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind[0], default=None, help=meta["help"])
+            flag = meta.get("flag", f.name.replace("_", "-"))
+            parser.add_argument(f"--{flag}", dest=f.name, type=kind[0], default=None, help=meta["help"])
 
 
 def parse_set(item: str) -> tuple[str, Any]:
@@ -324,19 +330,28 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     cls, _ = COMMANDS[ns.command]
     args = cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
+    stopped = {}
+
+    def terminate(signum, frame):  # SIGTERM (a scheduler, `kill`) ends the run as Ctrl-C does: with how to go on
+        stopped["signal"] = signum
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, terminate)
     try:
         return dispatch(ns.command, args)
     except UserError as e:
         print(f"oocrlab: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("oocrlab: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print("oocrlab: interrupted" + (f"; {e.args[0]}" if e.args else ""), file=sys.stderr)
+        return 128 + stopped.get("signal", signal.SIGINT)
     except Exception as e:
         if type(e).__name__ != "OutOfMemoryError":  # torch.OutOfMemoryError (CUDA), without importing torch here
             raise
         print(f"oocrlab: error: {OUT_OF_MEMORY}", file=sys.stderr)
         return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def write_table(args: TableArgs) -> int:
@@ -403,13 +418,16 @@ def dispatch(command: str, args) -> int:
             raise UserError(f"{len(summary['failed'])} of {len(summary['runs'])} runs failed (see sweep.json): "
                             + "; ".join(f"{name}: {why}" for name, why in summary["failed"].items()))
         return 0
+    if isinstance(args, ExperimentArgs) and args.from_stage is not None and args.resume is None:
+        raise UserError(f"--from {args.from_stage} redoes stages of an existing run: `oocrlab run --resume RUN --from {args.from_stage}`")
     if isinstance(args, ExperimentArgs) and args.resume is not None:
-        given = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(args)
-                 if f.name not in ("resume", "threads") and getattr(args, f.name) not in (None, [])]
+        given = [f"--{f.metadata.get('flag', f.name.replace('_', '-'))}" for f in dataclasses.fields(args)
+                 if f.name not in ("resume", "threads", "from_stage") and getattr(args, f.name) not in (None, [])]
         if command != "run" or given:
             raise UserError("--resume continues a run under its own config.yaml: use it alone with `oocrlab run`"
                             + (f" (drop {', '.join(given)})" if given else ""))
-        run = resume_experiment(args.resume, on_stage=lambda s: print(f"[oocrlab] {s} ...", file=sys.stderr, flush=True))
+        run = resume_experiment(args.resume, on_stage=lambda s: print(f"[oocrlab] {s} ...", file=sys.stderr, flush=True),
+                                from_stage=args.from_stage)
     elif isinstance(args, ExperimentArgs):
         cfg = experiment_config(args)
         if args.out is None and rank_and_world_size()[1] > 1:

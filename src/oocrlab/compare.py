@@ -24,7 +24,7 @@ from oocrlab.metrics import (
     significant_layers,
 )
 from oocrlab.plots import plt
-from oocrlab.rundir import Run, atomic_write_text
+from oocrlab.rundir import Run, atomic_write_text, run_paths
 from oocrlab.specificity import specificity_matrix
 from oocrlab.stats import mean_t_ci
 
@@ -219,6 +219,7 @@ def compare_runs(paths: list[str | Path], out: str | Path, replace: bool = False
     out = Path(out)
     if out.exists() and not replace:
         raise UserError(f"--out {out} exists; nothing was overwritten: choose a new path")
+    paths = run_paths(paths)
     if len(paths) < 2:
         raise UserError("compare needs at least two run directories")
     names, configs, metrics = read_runs(paths)

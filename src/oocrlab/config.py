@@ -594,6 +594,8 @@ def from_yaml_text(text: str) -> ExperimentConfig:
     renamed since are read under their new name, so older run directories stay usable."""
     cfg = ExperimentConfig()
     loaded = yaml.safe_load(text) or {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"a YAML {type(loaded).__name__}, not a mapping of config sections")
     for (section, old), renamed in RENAMED.items():
         if not (isinstance(loaded.get(section), dict) and old in loaded[section]):
             continue

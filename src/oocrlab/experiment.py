@@ -37,11 +37,11 @@ from oocrlab.evaluate.free_form import evaluate_free_form
 from oocrlab.geo import City, find_city
 from oocrlab.incontext import InContext
 from oocrlab.metrics import hidden_city_views
-from oocrlab.models import load_model
+from oocrlab.models import check_model_source, load_model
 from oocrlab.probe import probe_representations
 from oocrlab.provenance import hardware, versions
 from oocrlab.report import write_report
-from oocrlab.rundir import Run, read_jsonl, write_jsonl
+from oocrlab.rundir import Run, read_jsonl, write_fault, write_jsonl
 from oocrlab.sanity import sanity
 from oocrlab.scalars import require_tensorboard, write_headline_scalars
 from oocrlab.train import (
@@ -288,15 +288,25 @@ def run_stage(name: str, cfg: ExperimentConfig, run: Run, models: Models | None 
     return result
 
 
-def resume_experiment(path: str | Path, on_stage=None) -> Run:
-    """Finish an interrupted `run_experiment`: every stage from the first one not recorded as finished is
-    (re)done, a training from its last checkpoint; what an unfinished stage wrote is not trusted."""
+def resume_experiment(path: str | Path, on_stage=None, from_stage: str | None = None) -> Run:
+    """Finish an interrupted `run_experiment`: every stage from the first one not recorded as finished (or from
+    `from_stage`, if earlier: redone with everything after it) is (re)done, a training from its last checkpoint;
+    what an unfinished stage wrote is not trusted."""
+    if from_stage is not None and from_stage not in STAGES:
+        raise UserError(f"--from {from_stage}: not a stage; the stages are {', '.join(STAGES)}")
     run, cfg = Run.open(path)
     finished = run.finished_stages()
-    todo = STAGES[next((i for i, s in enumerate(STAGES) if s not in finished), len(STAGES)):]
+    first = next((i for i, s in enumerate(STAGES) if s not in finished), len(STAGES))
+    todo = STAGES[min(first, STAGES.index(from_stage)) if from_stage else first:]
     wait_for_everyone()  # every process has read what is finished
-    if "train" in todo and run.adapter_dir.exists() and is_main_process():
-        shutil.rmtree(run.adapter_dir)  # saved by a training that was never recorded as finished
+    if is_main_process():
+        # redone stages are unfinished until they finish again, so an interruption resumes from the right one
+        run.save_metrics("timings", {k: v for k, v in run.metrics().get("timings", {}).items() if k not in todo})
+        if "train" in todo and run.adapter_dir.exists():
+            shutil.rmtree(run.adapter_dir)  # saved by a training that was never recorded as finished, or to be redone
+        if "controls" in todo:
+            for name in cfg.train.controls:  # a control recorded as finished is otherwise kept (train_controls)
+                control_run(run, name).metrics_file.unlink(missing_ok=True)
     run_stages(todo, cfg, run, Models(cfg, run), on_stage=on_stage)
     return run
 
@@ -310,7 +320,15 @@ def run_stages(names, cfg: ExperimentConfig, run: Run, models: Models, on_stage=
             continue
         if on_stage and is_main_process():
             on_stage(name)
-        run_stage(name, cfg, run, models)
+        try:
+            run_stage(name, cfg, run, models)
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (cli.main): say how to go on
+            raise KeyboardInterrupt(f"`oocrlab run --resume {run.path}` continues; finished stages are kept") from None
+        except Exception as e:
+            if (fault := write_fault(e)) is None:
+                raise
+            raise UserError(f"{fault} while the {name} stage wrote into {run.path}: free space (or make it writable), then "
+                            f"`oocrlab run --resume {run.path}` continues; finished stages are kept") from None
 
 
 def run_experiment(cfg: ExperimentConfig, out: str | Path, stages: tuple[str, ...] = STAGES, on_stage=None) -> Run:
@@ -319,6 +337,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, stages: tuple[str, ..
     Several processes check the same things, then the main one creates the run directory."""
     Run.refuse_existing(Path(out))
     require_tensorboard(cfg.train)
+    check_model_source(cfg.model)  # even when no stage here loads it
     data = build_distance_data(cfg.data, cfg.seed)
     check_specificity_cities(cfg)
     models = Models(cfg, data=data)

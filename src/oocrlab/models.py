@@ -144,28 +144,44 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
+PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_model_source(cfg: ModelConfig) -> None:
+    """Refuse a model directory that holds no model: it needs config.json and safetensors weights
+    (pickle weights only with model.allow_pickle: loading them can run code). Cheap: nothing is loaded, and an
+    embedded model is not converted here."""
+    if cfg.name in EMBEDDED_MODELS:
+        return
+    path = Path(resolve_model_path(cfg.name))
+    names = [p.name for p in path.iterdir()]
+    safe = [n for n in names if n.endswith((".safetensors", ".safetensors.index.json"))]
+    pickled = [n for n in names if n.endswith(PICKLED) or n.endswith(".bin.index.json")]
+    if not safe and pickled and not cfg.allow_pickle:
+        raise UserError(f"model {path} has no safetensors weights, only {', '.join(sorted(pickled))} (pickle files can run code "
+                        "when loaded): convert it, or pass --set model.allow_pickle=true for files you trust")
+    if "config.json" not in names or not (safe or pickled):
+        raise UserError(f"model {path} holds no model ({'no config.json' if 'config.json' not in names else 'no weights'}): "
+                        "give a directory written by save_pretrained, a hub id in the local cache, or smollm2-135m")
+
+
 def load_model(cfg: ModelConfig):
     """(model, tokenizer) ready for training or inference on the best device here."""
     from transformers import AutoModelForCausalLM
 
+    check_model_source(cfg)
     path = resolve_model_path(cfg.name)
     tokenizer = load_tokenizer(path)
     device = pick_device()
     dtype = pick_dtype(cfg, device)
     quant = quantization_config(cfg, device, dtype)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path,
-            dtype=dtype,
-            quantization_config=quant,
-            device_map={"": device.index} if device.type == "cuda" else None,
-            use_safetensors=None if cfg.allow_pickle else True,  # pickle can run code on load
-        )
-    except OSError as e:
-        if cfg.allow_pickle or "safetensors" not in str(e):
-            raise
-        raise UserError(f"model {path} has no safetensors weights (pickle files can run code when loaded): convert it, "
-                        "or pass --set model.allow_pickle=true for files you trust") from None
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        dtype=dtype,
+        quantization_config=quant,
+        device_map={"": device.index} if device.type == "cuda" else None,
+        use_safetensors=None if cfg.allow_pickle else True,  # pickle can run code on load (checked above, and here)
+    )
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 

@@ -16,6 +16,8 @@ runs/NAME/
 
 from __future__ import annotations
 
+import errno
+import glob
 import json
 import os
 import tempfile
@@ -23,8 +25,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from oocrlab.config import ExperimentConfig, from_yaml_text, to_yaml
 from oocrlab.errors import UserError
+
+
+WRITE_FAULTS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+                errno.EROFS: "the file system is read-only", errno.EACCES: "permission was denied"}
+
+
+def write_fault(error: BaseException) -> str | None:
+    """What went wrong, where `error` is a failed write the user can fix (a full disk, a read-only or unwritable
+    place), else None. safetensors and torch.save carry the system's error in their own exception's text."""
+    if isinstance(error, OSError) and error.errno in WRITE_FAULTS:
+        return WRITE_FAULTS[error.errno] + (f" ({error.filename})" if error.filename else "")
+    text = str(error)
+    found = [what for code, what in WRITE_FAULTS.items() if f"code: {code}," in text or os.strerror(code) in text]
+    if not found and "inline_container.cc" in text:  # torch.save's zip writer cut short, which names no cause
+        found = ["a file could not be written in full (is the disk full?)"]
+    return found[0] if found else None
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -76,30 +96,51 @@ class Run:
 
     @classmethod
     def create(cls, path: str | Path, cfg: ExperimentConfig) -> Run:
-        """A new run directory holding the resolved config; refuses any existing path."""
+        """A new run directory holding the resolved config; refuses any existing path, and an unwritable one
+        (leaving nothing behind)."""
         path = Path(path)
         cls.refuse_existing(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             path.mkdir()
         except FileExistsError:
             raise UserError(f"--out {path} appeared while starting; nothing was overwritten: choose a new path") from None
+        except OSError as e:
+            raise UserError(f"cannot create --out {path} ({e.strerror}): choose a writable place for it") from None
         run = cls(path)
-        atomic_write_text(run.config_file, to_yaml(cfg))
+        try:
+            atomic_write_text(run.config_file, to_yaml(cfg))
+        except OSError as e:
+            path.rmdir()
+            raise UserError(f"cannot write into --out {path} ({e.strerror}): free space or choose a writable place for it") from None
         return run
 
     @classmethod
     def open(cls, path: str | Path) -> tuple[Run, ExperimentConfig]:
-        """An existing run and its resolved config."""
+        """An existing run and its resolved config; a damaged config.yaml or metrics.json is one line saying how to go on."""
         run = cls(Path(path))
         if not run.config_file.is_file():
             raise UserError(f"{path} is not a run directory (no config.yaml): create one with `oocrlab run --out {path}`")
-        return run, from_yaml_text(run.config_file.read_text(encoding="utf-8"))
+        run.metrics()  # read by every command: refused here, before any work, when damaged
+        try:
+            return run, from_yaml_text(run.config_file.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError, ValueError) as e:  # ValueError: no mapping of sections
+            raise UserError(f"{run.config_file} is damaged ({str(e).splitlines()[0]}): rewrite it with `oocrlab config "
+                            f"[the flags the run was made with] > {run.config_file}`, or start a new run") from None
 
     def metrics(self) -> dict[str, Any]:
+        """metrics.json ({} before the first stage finishes); a damaged one is one line saying how to go on."""
         if not self.metrics_file.exists():
             return {}
-        return json.loads(self.metrics_file.read_text(encoding="utf-8"))
+        try:
+            metrics = json.loads(self.metrics_file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:
+            metrics = e
+        if not isinstance(metrics, dict):
+            why = str(metrics).splitlines()[0] if isinstance(metrics, Exception) else "not a JSON object"
+            raise UserError(f"{self.metrics_file} is damaged ({why}): move it aside, then `oocrlab run --resume {self.path}` "
+                            "redoes every stage (the same data and training from the seed)")
+        return metrics
 
     def save_metrics(self, section: str, values: dict[str, Any]) -> None:
         """Replace one stage's section of metrics.json, atomically."""
@@ -115,3 +156,28 @@ class Run:
         """Refuse to run a stage whose input an earlier stage has not written."""
         if not path.exists():
             raise UserError(f"{self.path} has no {path.relative_to(self.path)}: run `oocrlab {stage} {self.path}` first")
+
+
+def retrain_command(adapter_dir: Path) -> str:
+    """How to train an adapter again: the train stage of the run holding it (its adapter/ or a snapshot
+    trajectory/step-N/), or the controls stage for a control's (RUN/controls/NAME/...)."""
+    run = next((p for p in adapter_dir.parents if (p / "config.yaml").is_file()), adapter_dir.parent)
+    stage = "controls" if "controls" in adapter_dir.relative_to(run).parts else "train"
+    return f"oocrlab run --resume {run} --from {stage}"
+
+
+def run_paths(paths_or_globs: str | Path | list[str | Path]) -> list[Path]:
+    """Run directories from paths and glob patterns, in the order given (each once); a pattern matching nothing,
+    or a directory without metrics.json, is refused."""
+    items = [paths_or_globs] if isinstance(paths_or_globs, (str, Path)) else list(paths_or_globs)
+    found: list[Path] = []
+    for item in map(str, items):
+        matches = sorted(glob.glob(item)) if glob.has_magic(item) else [item]
+        if not matches:
+            raise UserError(f"{item} matches no run directory")
+        found += [Path(m) for m in matches]
+    for path in found:
+        if not Run(path).metrics_file.is_file():
+            raise UserError(f"{path} has no metrics.json: it is not a run directory, or no stage of it has finished "
+                            f"(`oocrlab run --resume {path}` continues it)")
+    return list(dict.fromkeys(found))

@@ -108,7 +108,7 @@ def run_sweep(sweep: Sweep, on_run=None) -> dict[str, Any]:
             failed[name] = str(e)
             if on_run:
                 on_run(name, f"failed: {e}")
-    paths = [sweep.out / name for name in configs if (sweep.out / name / "config.yaml").is_file()]
+    paths = [sweep.out / name for name in configs if Run(sweep.out / name).metrics_file.is_file()]  # a stage finished
     names, saved, metrics = read_runs(paths)
     groups, labels = group_runs(saved)
     summary = {

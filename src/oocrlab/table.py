@@ -14,34 +14,15 @@ cannot tell) where the verdict stage has run.
 
 from __future__ import annotations
 
-import glob
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from oocrlab.compare import flatten, read_runs
-from oocrlab.errors import UserError
-from oocrlab.rundir import Run
+from oocrlab.rundir import run_paths
 from oocrlab.sentences import CONDITION_ORDER, headline_measures
 
 if TYPE_CHECKING:
     import pandas
-
-
-def run_paths(paths_or_globs: str | Path | list[str | Path]) -> list[Path]:
-    """Run directories from paths and glob patterns, in the order given (each once); a pattern matching nothing,
-    or a directory without metrics.json, is refused."""
-    items = [paths_or_globs] if isinstance(paths_or_globs, (str, Path)) else list(paths_or_globs)
-    found: list[Path] = []
-    for item in map(str, items):
-        matches = sorted(glob.glob(item)) if glob.has_magic(item) else [item]
-        if not matches:
-            raise UserError(f"{item} matches no run directory")
-        found += [Path(m) for m in matches]
-    for path in found:
-        if not Run(path).metrics_file.is_file():
-            raise UserError(f"{path} has no metrics.json: it is not a run directory, or no stage of it has finished "
-                            f"(`oocrlab run --resume {path}` continues it)")
-    return list(dict.fromkeys(found))
 
 
 def runs_table(paths_or_globs: str | Path | list[str | Path]) -> pandas.DataFrame:

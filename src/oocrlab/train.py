@@ -37,7 +37,7 @@ from oocrlab.distributed import is_main_process, wait_for_everyone
 from oocrlab.errors import UserError
 from oocrlab.models import half_precision, training_attention
 from oocrlab.packing import prefix_tree_batch
-from oocrlab.rundir import Run, read_jsonl, write_jsonl
+from oocrlab.rundir import Run, read_jsonl, retrain_command, write_jsonl
 from oocrlab.scalars import training_callbacks
 from oocrlab.threads import THREADS
 
@@ -315,7 +315,8 @@ def train(cfg: ExperimentConfig, run: Run, model, tokenizer) -> tuple[dict[str, 
                     control.should_save = False  # the weights may already hold it
 
         def on_train_end(self, args, state, control, **kwargs):
-            self.bar.close()
+            if hasattr(self, "bar"):  # (also called when training fails, maybe before it began)
+                self.bar.close()
 
     class Snapshots(TrainerCallback):
         """The adapter at each of trajectory_steps, saved into the run's trajectory/step-N/ (the trajectory stage's)."""
@@ -351,15 +352,22 @@ def train(cfg: ExperimentConfig, run: Run, model, tokenizer) -> tuple[dict[str, 
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=lora_config(cfg.train) if spec.family == "lora" else None,
-        callbacks=[LossBar(), Snapshots(), *(training_callbacks(cfg.train, run) if is_main_process() else [])],
+        callbacks=[bar := LossBar(), Snapshots(), *(training_callbacks(cfg.train, run) if is_main_process() else [])],
     )
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     if resume is not None:
         tqdm.write(f"[oocrlab] continuing training from {resume}", file=sys.stderr)
     start = time.perf_counter()
-    with training_attention(model):
-        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    try:
+        with training_attention(model):
+            result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except BaseException:
+        bar.on_train_end(args, trainer.state, trainer.control)  # the error's line starts on a line of its own
+        if is_main_process():  # a checkpoint the failure cut short is never left looking like one
+            for unfinished in checkpoints(run.checkpoints_dir)[1]:
+                shutil.rmtree(unfinished, ignore_errors=True)
+        raise
     seconds = time.perf_counter() - start
     # the Trainer's history: a resumed training's includes the steps before its checkpoint
     log = [{"step": e["step"], "loss": e["loss"], "learning_rate": e.get("learning_rate"), "epoch": round(e.get("epoch") or 0, 4),
@@ -411,7 +419,8 @@ def require_adapter(adapter_dir: Path, fix: str | None = None) -> None:
 
 
 def corrupt(adapter_dir: Path, error: Exception) -> UserError:
-    return UserError(f"the adapter in {adapter_dir} is corrupt or does not fit this model ({type(error).__name__}): retrain it")
+    return UserError(f"the adapter in {adapter_dir} is corrupt or does not fit this model ({type(error).__name__}): retrain it "
+                     f"with `{retrain_command(adapter_dir)}`")
 
 
 def load_adapter(model, adapter_dir: Path):
@@ -434,7 +443,8 @@ def add_adapter(tuned, adapter_dir: Path, name: str) -> None:
     """Another adapter of the same family (a fine-tuned control's) on the adapted model, under `name`, acting only
     when selected (models.with_condition)."""
     if is_hook_adapter(adapter_dir) != isinstance(tuned, HookAdapter):
-        raise UserError(f"the adapter in {adapter_dir} is of another family than the run's: retrain it")
+        raise UserError(f"the adapter in {adapter_dir} is of another family than the run's: retrain it with "
+                        f"`{retrain_command(adapter_dir)}`")
     try:
         tuned.load_adapter(adapter_dir, adapter_name=name)
     except UserError:

@@ -1,0 +1,195 @@
+"""Faults a new user meets, each one line on stderr and exit 2 with nothing lost or half-written (issue 20): a full
+disk while training (then --resume finishes), a damaged config.yaml or metrics.json under --resume, an unwritable
+--out, a model directory that holds no model, compare on a directory that is no finished run; `--resume RUN --from
+STAGE` redoes a stage and every one after it (the way to retrain a damaged adapter); an interruption (Ctrl-C,
+SIGTERM) says that --resume continues."""
+
+import errno
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+from safetensors import SafetensorError
+
+from oocrlab import experiment
+from oocrlab.cli import main
+from tests.helpers import tiny_overrides
+
+FULL_DISK = 'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+
+
+# a tiny run's smallest budgets: these tests are about files and messages, not numbers
+SMALL = {"train.controls": [], "eval.city_facts_orders": 0, "probe.patch_orders": 0, "eval.max_cities": 4, "eval.near_cities": 2,
+         "eval.free_form_samples": 2, "eval.mc_orders": 5, "eval.in_context_docs": 4,
+         "probe.templates": ["Tell me about {entity}.", "{entity} is a city."]}
+
+
+def settings(tiny_model_dir, **more):
+    values = tiny_overrides(tiny_model_dir) | SMALL | more
+    return [a for k, v in values.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+
+
+def one_line(capsys) -> str:
+    """The one line oocrlab wrote, last, on a line of its own (progress bars may come before it)."""
+    err = capsys.readouterr().err
+    ours = [line for line in err.split("\n") if "oocrlab: " in line]
+    assert len(ours) == 1 and ours[0].startswith("oocrlab: ") and err.endswith(ours[0] + "\n"), err
+    return ours[0]
+
+
+def files(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_a_full_disk_while_training_is_one_line_and_resume_finishes(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """As on a full tmpfs: the checkpoint's adapter save fails after the directory and its README are written."""
+    from peft import PeftModel
+
+    out = tmp_path / "run"
+    assert main(["data", "--out", str(out), *settings(tiny_model_dir, **{"train.checkpoints": 2})]) == 0
+
+    def full(self, directory, *args, **kwargs):
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        (Path(directory) / "README.md").write_text("model card")
+        raise SafetensorError(FULL_DISK)
+
+    monkeypatch.setattr(PeftModel, "save_pretrained", full)
+    capsys.readouterr()
+    assert main(["train", str(out)]) == 2
+    err = one_line(capsys)
+    assert "the disk is full" in err and f"oocrlab run --resume {out}" in err
+    assert not list((out / "checkpoints").glob("checkpoint-*")) and not (out / "adapter").exists()  # nothing half-written
+    monkeypatch.undo()
+    assert main(["run", "--resume", str(out)]) == 0 and "report" in json.loads((out / "metrics.json").read_text())["timings"]
+
+
+@pytest.mark.parametrize("damage, file, message", [
+    ("train: [unclosed\n", "config.yaml", "config.yaml is damaged"),
+    ("- a YAML list\n- of two items\n", "config.yaml", "not a mapping of config sections"),
+    (None, "metrics.json", "metrics.json is damaged"),  # cut in half
+    ("[1, 2]", "metrics.json", "not a JSON object"),
+])
+def test_a_damaged_run_file_under_resume_is_one_line_and_left_as_it_is(tmp_path, tiny_model_dir, capsys, damage, file, message):
+    out = tmp_path / "run"
+    assert main(["data", "--out", str(out), *settings(tiny_model_dir)]) == 0
+    target = out / file
+    target.write_bytes(target.read_bytes()[: len(target.read_bytes()) // 2] if damage is None else damage.encode())
+    before = files(out)
+    capsys.readouterr()
+    for argv in (["run", "--resume", str(out)], ["eval", str(out)]):
+        assert main(argv) == 2
+        err = one_line(capsys)
+        assert message in err and str(target) in err
+    assert files(out) == before
+
+
+@pytest.mark.parametrize("command", ["run", "data"])
+@pytest.mark.parametrize("fails", ["mkdir", "write"])
+def test_an_unwritable_out_is_one_line_and_leaves_nothing(tmp_path, tiny_model_dir, monkeypatch, capsys, command, fails):
+    """A read-only file system (EROFS), when creating the run directory or writing into it."""
+    import tempfile
+
+    out = tmp_path / "read-only" / "run"
+    original = Path.mkdir if fails == "mkdir" else tempfile.mkstemp
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(out))
+
+    if fails == "mkdir":
+        monkeypatch.setattr(Path, "mkdir", lambda self, *a, **k: read_only() if "read-only" in str(self) else original(self, *a, **k))
+    else:
+        monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    capsys.readouterr()
+    assert main([command, "--out", str(out), *settings(tiny_model_dir)]) == 2
+    assert "Read-only file system" in one_line(capsys) and not out.exists()
+
+
+@pytest.mark.parametrize("holds, message", [([], "holds no model (no config.json)"),
+                                            (["pytorch_model.bin"], "has no safetensors weights, only pytorch_model.bin")])
+def test_a_model_directory_without_a_model_is_one_line(tmp_path, capsys, holds, message):
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in holds:
+        (model / name).write_bytes(b"\x80\x02}q\x00.")  # a pickle
+    for command in ("data", "run"):
+        out = tmp_path / command
+        assert main([command, "--out", str(out), "--model", str(model)]) == 2
+        assert message in one_line(capsys) and not out.exists()
+
+
+def test_compare_and_table_refuse_a_directory_that_is_no_finished_run(tmp_path, tiny_model_dir, capsys):
+    started = tmp_path / "started"
+    assert main(["data", "--out", str(started), *settings(tiny_model_dir)]) == 0
+    (started / "metrics.json").unlink()  # as if killed before its first stage was recorded
+    capsys.readouterr()
+    for argv in (["compare", str(started), str(started), "--out", str(tmp_path / "c.html")], ["table", str(started)]):
+        assert main(argv) == 2
+        assert "has no metrics.json" in one_line(capsys)
+    assert not (tmp_path / "c.html").exists()
+
+
+def test_from_redoes_a_stage_and_every_one_after_it(tmp_path, tiny_model_dir, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "--out", str(out), *settings(tiny_model_dir)]) == 0
+    first = json.loads((out / "metrics.json").read_text())
+    adapter = out / "adapter" / "adapter_model.safetensors"
+    stamp = adapter.stat().st_mtime_ns
+    (out / "report.html").unlink()
+
+    assert main(["run", "--resume", str(out), "--from", "eval"]) == 0
+    again = json.loads((out / "metrics.json").read_text())
+    assert adapter.stat().st_mtime_ns == stamp and (out / "report.html").is_file()  # training kept, the rest redone
+    assert again["timings"]["eval"] != first["timings"]["eval"] and again["eval"]["distance"] == first["eval"]["distance"]
+
+    adapter.write_bytes(adapter.read_bytes()[:100])  # damaged: the message says how to retrain it, and that works
+    capsys.readouterr()
+    assert main(["eval", str(out)]) == 2
+    err = one_line(capsys)
+    assert f"`oocrlab run --resume {out} --from train`" in err
+    assert main(["run", "--resume", str(out), "--from", "train"]) == 0
+    retrained = json.loads((out / "metrics.json").read_text())
+    assert retrained["train"]["loss_last"] == first["train"]["loss_last"] and retrained["eval"]["distance"] == first["eval"]["distance"]
+
+    capsys.readouterr()
+    assert main(["run", "--resume", str(out), "--from", "evaluate"]) == 2 and "not a stage" in one_line(capsys)
+    assert main(["run", "--out", str(tmp_path / "new"), "--from", "train"]) == 2 and "--resume RUN --from train" in one_line(capsys)
+
+
+@pytest.mark.parametrize("how, code", [("ctrl-c", 130), ("sigterm", 143)])
+def test_an_interruption_says_that_resume_continues(tmp_path, tiny_model_dir, monkeypatch, capsys, how, code):
+    out = tmp_path / "run"
+    assert main(["data", "--out", str(out), *settings(tiny_model_dir)]) == 0
+    run_stage = experiment.run_stage
+
+    def interrupted(name, *args, **kwargs):
+        if name == "sanity":
+            if how == "ctrl-c":
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGTERM)
+        return run_stage(name, *args, **kwargs)
+
+    monkeypatch.setattr(experiment, "run_stage", interrupted)
+    capsys.readouterr()
+    assert main(["run", "--resume", str(out)]) == code
+    err = one_line(capsys)
+    assert err.startswith("oocrlab: interrupted") and f"`oocrlab run --resume {out}` continues" in err
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
+    assert json.loads((out / "metrics.json").read_text())["timings"].keys() == {"data", "train", "controls"}  # kept
+
+
+@pytest.mark.parametrize("error, fault", [
+    (OSError(errno.ENOSPC, "No space left on device", "/r/x"), "the disk is full (/r/x)"),
+    (OSError(errno.EROFS, "Read-only file system"), "the file system is read-only"),
+    (SafetensorError(FULL_DISK), "the disk is full"),
+    (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 9889536 vs 9889428"), "is the disk full?"),
+    (OSError(errno.ENOENT, "No such file or directory"), None),
+    (RuntimeError("mat1 and mat2 shapes cannot be multiplied"), None),
+])
+def test_write_faults_are_told_apart_from_other_errors(error, fault):
+    """torch.save's text is what a real full disk gave (`--out` on a 20 MB tmpfs, the embedded model, docs/faults.md)."""
+    from oocrlab.rundir import write_fault
+
+    found = write_fault(error)
+    assert found is None if fault is None else fault in found
