@@ -180,7 +180,8 @@ class VectorArgs:
     run: str = _flag("the run directory", positional=True)
     layer: int | None = _flag("the probe's shift at hidden state L (entering decoder layer L); default: the run's steering adapter")
     hidden_city: str | None = _flag("whose shift, in a run with several hidden cities")
-    out: str | None = _flag("the new directory (never overwritten); default RUN/vectors/adapter or RUN/vectors/shift-layer-L")
+    out: str | None = _flag("the new directory (never overwritten); default RUN/vectors/adapter, RUN/vectors/shift-layer-L "
+                            "or, with several hidden cities, RUN/vectors/shift-CITY-layer-L")
 
 
 COMMANDS = {
@@ -210,6 +211,10 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"oocrlab: error: {message} (see `{self.prog} --help`)\n")
 
 
+def flag_name(f: dataclasses.Field) -> str:
+    return "--" + f.metadata.get("flag", f.name.replace("_", "-"))
+
+
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """One flag per field: --kebab-case, typed from the annotation, help from the field's metadata."""
     hints = typing.get_type_hints(cls)
@@ -219,11 +224,10 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         if meta.get("positional"):
             parser.add_argument(f.name, nargs=meta.get("nargs"), help=meta["help"])
         elif meta.get("action") == "append":
-            parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, action="append", default=[],
+            parser.add_argument(flag_name(f), dest=f.name, action="append", default=[],
                                 metavar="KEY=VALUE", help=meta["help"])
         else:
-            flag = meta.get("flag", f.name.replace("_", "-"))
-            parser.add_argument(f"--{flag}", dest=f.name, type=kind[0], default=None, help=meta["help"])
+            parser.add_argument(flag_name(f), dest=f.name, type=kind[0], default=None, help=meta["help"])
 
 
 def parse_set(item: str) -> tuple[str, Any]:
@@ -357,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
 def write_table(args: TableArgs) -> int:
     from pathlib import Path
 
-    from oocrlab.rundir import Run, atomic_write_text
+    from oocrlab.rundir import Run, atomic_write_text, writing
     from oocrlab.table import runs_table
 
     if args.out is not None:
@@ -366,7 +370,8 @@ def write_table(args: TableArgs) -> int:
     if args.out is None:
         print(csv, end="")
     else:
-        atomic_write_text(Path(args.out), csv)
+        with writing(f"writing {args.out}"):
+            atomic_write_text(Path(args.out), csv)
         print(args.out)
     return 0
 
@@ -421,7 +426,7 @@ def dispatch(command: str, args) -> int:
     if isinstance(args, ExperimentArgs) and args.from_stage is not None and args.resume is None:
         raise UserError(f"--from {args.from_stage} redoes stages of an existing run: `oocrlab run --resume RUN --from {args.from_stage}`")
     if isinstance(args, ExperimentArgs) and args.resume is not None:
-        given = [f"--{f.metadata.get('flag', f.name.replace('_', '-'))}" for f in dataclasses.fields(args)
+        given = [flag_name(f) for f in dataclasses.fields(args)
                  if f.name not in ("resume", "threads", "from_stage") and getattr(args, f.name) not in (None, [])]
         if command != "run" or given:
             raise UserError("--resume continues a run under its own config.yaml: use it alone with `oocrlab run`"

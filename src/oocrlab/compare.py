@@ -24,7 +24,7 @@ from oocrlab.metrics import (
     significant_layers,
 )
 from oocrlab.plots import plt
-from oocrlab.rundir import Run, atomic_write_text, run_paths
+from oocrlab.rundir import Run, atomic_write_text, run_paths, writing
 from oocrlab.specificity import specificity_matrix
 from oocrlab.stats import mean_t_ci
 
@@ -258,6 +258,7 @@ the row's runs [95% interval across seeds]. A specific effect is a dominant diag
 wins in every row.</p>{specificity_html(specificity_matrices(configs, metrics))}</section>
 </body></html>
 """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out, page)
+    with writing(f"writing {out}"):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out, page)
     return out

@@ -6,6 +6,7 @@ sub-commands call one, `run_experiment` and `resume_experiment` every one from w
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import shutil
 import time
@@ -41,7 +42,7 @@ from oocrlab.models import check_model_source, load_model
 from oocrlab.probe import probe_representations
 from oocrlab.provenance import hardware, versions
 from oocrlab.report import write_report
-from oocrlab.rundir import Run, read_jsonl, write_fault, write_jsonl
+from oocrlab.rundir import Run, read_jsonl, writing, write_jsonl
 from oocrlab.sanity import sanity
 from oocrlab.scalars import require_tensorboard, write_headline_scalars
 from oocrlab.train import (
@@ -278,8 +279,8 @@ def run_stage(name: str, cfg: ExperimentConfig, run: Run, models: Models | None 
     if name not in UNRECORDED:
         run.save_metrics(name, result)
         run.save_metrics("environment", {"versions": versions(), "hardware": hardware()})
-    timings = run.metrics().get("timings", {})
-    run.save_metrics("timings", timings | {name: round(seconds, 2)})  # last: it marks the stage finished
+    timings = run.metrics().get("timings", {}) | {name: round(seconds, 2)}
+    run.save_metrics("timings", {s: timings[s] for s in STAGES if s in timings})  # last: it marks the stage finished
     if name == "train":
         shutil.rmtree(run.checkpoints_dir, ignore_errors=True)  # the adapter is saved and recorded
     if name == "trajectory":  # measured and recorded: ~40 MB a snapshot of the default LoRA
@@ -291,21 +292,28 @@ def run_stage(name: str, cfg: ExperimentConfig, run: Run, models: Models | None 
 def resume_experiment(path: str | Path, on_stage=None, from_stage: str | None = None) -> Run:
     """Finish an interrupted `run_experiment`: every stage from the first one not recorded as finished (or from
     `from_stage`, if earlier: redone with everything after it) is (re)done, a training from its last checkpoint;
-    what an unfinished stage wrote is not trusted."""
+    what an unfinished stage wrote is not trusted. A measured trajectory is kept unless the adapter is retrained:
+    its snapshots are gone once measured (and the controls a --from retrains come out the same, from the seed)."""
     if from_stage is not None and from_stage not in STAGES:
         raise UserError(f"--from {from_stage}: not a stage; the stages are {', '.join(STAGES)}")
     run, cfg = Run.open(path)
     finished = run.finished_stages()
     first = next((i for i, s in enumerate(STAGES) if s not in finished), len(STAGES))
     todo = STAGES[min(first, STAGES.index(from_stage)) if from_stage else first:]
+    if "trajectory" in run.metrics() and not snapshots(run.trajectory_dir) and "train" not in todo:  # measured: kept
+        todo = tuple(s for s in todo if s != "trajectory")
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, trajectory=[]))  # a retrained control takes none
     wait_for_everyone()  # every process has read what is finished
     if is_main_process():
-        # redone stages are unfinished until they finish again, so an interruption resumes from the right one
-        run.save_metrics("timings", {k: v for k, v in run.metrics().get("timings", {}).items() if k not in todo})
+        timings = run.metrics().get("timings", {})
+        kept = {k: v for k, v in timings.items() if k not in todo}
+        if kept != timings:  # redone stages are unfinished until they finish again: an interruption resumes from the right one
+            with writing(f"--resume updated {run.metrics_file}", run.path):
+                run.save_metrics("timings", kept)
         if "train" in todo and run.adapter_dir.exists():
             shutil.rmtree(run.adapter_dir)  # saved by a training that was never recorded as finished, or to be redone
-        if "controls" in todo:
-            for name in cfg.train.controls:  # a control recorded as finished is otherwise kept (train_controls)
+        if from_stage is not None and STAGES.index(from_stage) <= STAGES.index("controls"):
+            for name in cfg.train.controls:  # else a control recorded as finished is kept (train_controls)
                 control_run(run, name).metrics_file.unlink(missing_ok=True)
     run_stages(todo, cfg, run, Models(cfg, run), on_stage=on_stage)
     return run
@@ -313,6 +321,7 @@ def resume_experiment(path: str | Path, on_stage=None, from_stage: str | None = 
 
 def run_stages(names, cfg: ExperimentConfig, run: Run, models: Models, on_stage=None) -> None:
     """Stages in order. With several processes every one trains (DDP) and the main one alone does the rest."""
+    require_tensorboard(cfg.train)  # before any stage writes (the report's scalars need it too)
     for name in names:
         if name in TRAINING_STAGES:
             wait_for_everyone()  # the data is written, a stale adapter removed
@@ -321,14 +330,10 @@ def run_stages(names, cfg: ExperimentConfig, run: Run, models: Models, on_stage=
         if on_stage and is_main_process():
             on_stage(name)
         try:
-            run_stage(name, cfg, run, models)
+            with writing(f"the {name} stage wrote into {run.path}", run.path):
+                run_stage(name, cfg, run, models)
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (cli.main): say how to go on
             raise KeyboardInterrupt(f"`oocrlab run --resume {run.path}` continues; finished stages are kept") from None
-        except Exception as e:
-            if (fault := write_fault(e)) is None:
-                raise
-            raise UserError(f"{fault} while the {name} stage wrote into {run.path}: free space (or make it writable), then "
-                            f"`oocrlab run --resume {run.path}` continues; finished stages are kept") from None
 
 
 def run_experiment(cfg: ExperimentConfig, out: str | Path, stages: tuple[str, ...] = STAGES, on_stage=None) -> Run:

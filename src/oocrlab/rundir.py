@@ -16,6 +16,7 @@ runs/NAME/
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import glob
 import json
@@ -33,6 +34,7 @@ from oocrlab.errors import UserError
 
 WRITE_FAULTS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
                 errno.EROFS: "the file system is read-only", errno.EACCES: "permission was denied"}
+TOLD_IN_TEXT = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # causes no reader of a file meets
 
 
 def write_fault(error: BaseException) -> str | None:
@@ -41,10 +43,23 @@ def write_fault(error: BaseException) -> str | None:
     if isinstance(error, OSError) and error.errno in WRITE_FAULTS:
         return WRITE_FAULTS[error.errno] + (f" ({error.filename})" if error.filename else "")
     text = str(error)
-    found = [what for code, what in WRITE_FAULTS.items() if f"code: {code}," in text or os.strerror(code) in text]
-    if not found and "inline_container.cc" in text:  # torch.save's zip writer cut short, which names no cause
+    found = [WRITE_FAULTS[code] for code in TOLD_IN_TEXT if f"code: {code}," in text or os.strerror(code) in text]
+    if not found and ("unexpected pos" in text or "PytorchStreamWriter failed" in text):  # torch.save's writer, cut short
         found = ["a file could not be written in full (is the disk full?)"]
     return found[0] if found else None
+
+
+@contextlib.contextmanager
+def writing(what: str, run: Path | None = None):
+    """A failed write the user can fix (write_fault), as one line: the cause, `what` was being written, and how
+    to go on (`oocrlab run --resume RUN` where the run can continue)."""
+    try:
+        yield
+    except Exception as e:
+        if (fault := write_fault(e)) is None:
+            raise
+        then = f"then `oocrlab run --resume {run}` continues; finished stages are kept" if run else "then try again"
+        raise UserError(f"{fault} while {what}: free space (or make it writable), {then}") from None
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -167,12 +182,13 @@ def retrain_command(adapter_dir: Path) -> str:
 
 
 def run_paths(paths_or_globs: str | Path | list[str | Path]) -> list[Path]:
-    """Run directories from paths and glob patterns, in the order given (each once); a pattern matching nothing,
-    or a directory without metrics.json, is refused."""
+    """Run directories from paths and glob patterns, in the order given (each once); a pattern matching no run, or a
+    directory without metrics.json (no stage of it finished), is refused."""
     items = [paths_or_globs] if isinstance(paths_or_globs, (str, Path)) else list(paths_or_globs)
     found: list[Path] = []
     for item in map(str, items):
-        matches = sorted(glob.glob(item)) if glob.has_magic(item) else [item]
+        # a pattern's matches that are no run (a sweep's sweep.json, a comparison page) are passed over
+        matches = [m for m in sorted(glob.glob(item)) if Run(Path(m)).config_file.is_file()] if glob.has_magic(item) else [item]
         if not matches:
             raise UserError(f"{item} matches no run directory")
         found += [Path(m) for m in matches]

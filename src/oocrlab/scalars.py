@@ -18,7 +18,7 @@ from oocrlab.config import TrainConfig
 from oocrlab.errors import UserError
 from oocrlab.metrics import hidden_city_views
 from oocrlab.rundir import Run
-from oocrlab.sentences import CONDITION_ORDER, headline_measures
+from oocrlab.sentences import headline_measures
 
 LOG_DIR = "tensorboard"
 
@@ -29,25 +29,31 @@ def require_tensorboard(train: TrainConfig) -> None:
                         "(or pip install tensorboard), or leave train.report_to at none")
 
 
-def writer(path):
+def writer(path, purge_step: int | None = None):
     from torch.utils.tensorboard import SummaryWriter
 
-    return SummaryWriter(log_dir=str(path))
+    return SummaryWriter(log_dir=str(path), purge_step=purge_step)
 
 
-def training_callbacks(train: TrainConfig, run: Run) -> list[Any]:
-    """The Trainer's TensorBoard callback writing into the run's own directory, when asked for (main process only)."""
+def training_callbacks(train: TrainConfig, run: Run, resumed_step: int | None) -> list[Any]:
+    """The Trainer's TensorBoard callback writing into the run's own directory, when asked for (main process only).
+    A training resumed from the checkpoint at `resumed_step` has TensorBoard drop what an earlier attempt logged
+    after it; a fresh one (a first training, or --from train) replaces the curves of any earlier one."""
     if train.report_to != "tensorboard":
         return []
     require_tensorboard(train)
     from transformers.integrations import TensorBoardCallback
 
-    return [TensorBoardCallback(writer(run.path / LOG_DIR))]
+    if resumed_step is None:
+        for old in (run.path / LOG_DIR).glob("events.out.tfevents.*"):
+            old.unlink()
+    return [TensorBoardCallback(writer(run.path / LOG_DIR, None if resumed_step is None else resumed_step + 1))]
 
 
 def write_headline_scalars(run: Run) -> None:
     """The headline numbers of metrics.json as `headline/[CITY/]MEASURE/CONDITION` at the last training step (the
     previous report's values replaced)."""
+    require_tensorboard(TrainConfig(report_to="tensorboard"))
     metrics = run.metrics()
     target = run.path / LOG_DIR / "headline"
     shutil.rmtree(target, ignore_errors=True)
@@ -56,8 +62,8 @@ def write_headline_scalars(run: Run) -> None:
         for city, view in hidden_city_views(metrics):
             prefix = f"headline/{city}/" if city else "headline/"
             for measure in headline_measures(view):
-                for condition in (c for c in CONDITION_ORDER if c in measure.stats):
-                    if (value := measure.stats[condition].get(measure.stat)) is not None:
+                for condition, value, _ in measure.by_condition():
+                    if value is not None:
                         out.add_scalar(f"{prefix}{measure.key}/{condition}", value, step)
             for question, found in view.get("verdict", {}).items():
                 if isinstance(found, dict) and "answer" in found:

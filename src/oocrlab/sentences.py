@@ -126,6 +126,11 @@ class Measure(NamedTuple):
     digits: int
     baseline: str
 
+    def by_condition(self):
+        """(condition, value, interval or None) for each condition it holds, in report order."""
+        for c in (c for c in CONDITION_ORDER if c in self.stats):
+            yield c, self.stats[c].get(self.stat), self.stats[c].get(f"{self.stat}_ci95")
+
 
 def headline_measures(metrics: dict[str, Any]) -> list[Measure]:
     """The headline numbers of a one-city view of metrics.json (hidden_city_views), with their intervals."""

@@ -3,7 +3,7 @@ headline number (sentences.headline_measures) with its 95% interval, for pandas.
 
     from oocrlab import runs_table
     df = runs_table(["runs/paris-s*", "runs/tokyo"])
-    df.groupby("data.hidden_city")["mc_country_cloze.tuned"].mean()
+    df.groupby("hidden_city")["mc_country_cloze.tuned"].mean()
 
     oocrlab table runs/paris-s0 runs/paris-s1 --out runs.csv
 
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from oocrlab.compare import flatten, read_runs
 from oocrlab.rundir import run_paths
-from oocrlab.sentences import CONDITION_ORDER, headline_measures
+from oocrlab.sentences import headline_measures
 
 if TYPE_CHECKING:
     import pandas
@@ -39,11 +39,9 @@ def runs_table(paths_or_globs: str | Path | list[str | Path]) -> pandas.DataFram
     for (path, _, m), flat in zip(entries, flats):
         row = {"run": str(path), "hidden_city": flat["data.hidden_city"]} | {k: flat.get(k) for k in differing}
         for measure in headline_measures(m):
-            for condition in (c for c in CONDITION_ORDER if c in measure.stats):
-                stats = measure.stats[condition]
-                ci = stats.get(f"{measure.stat}_ci95") or (None, None)
-                column = f"{measure.key}.{condition}"
-                row |= {column: stats.get(measure.stat), f"{column}.ci_low": ci[0], f"{column}.ci_high": ci[1]}
+            for condition, value, ci in measure.by_condition():
+                column, (low, high) = f"{measure.key}.{condition}", ci or (None, None)
+                row |= {column: value, f"{column}.ci_low": low, f"{column}.ci_high": high}
         row |= {f"verdict.{question}": answer["answer"] for question, answer in m.get("verdict", {}).items()
                 if isinstance(answer, dict) and "answer" in answer}
         rows.append(row)

@@ -352,7 +352,8 @@ def train(cfg: ExperimentConfig, run: Run, model, tokenizer) -> tuple[dict[str, 
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=lora_config(cfg.train) if spec.family == "lora" else None,
-        callbacks=[bar := LossBar(), Snapshots(), *(training_callbacks(cfg.train, run) if is_main_process() else [])],
+        callbacks=[bar := LossBar(), Snapshots(),
+                   *(training_callbacks(cfg.train, run, resumed.get("global_step")) if is_main_process() else [])],
     )
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)

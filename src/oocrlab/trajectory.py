@@ -29,7 +29,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from oocrlab.conditions import ask
-from oocrlab.config import ExperimentConfig
+from oocrlab.config import MC_OPTIONS, ExperimentConfig
 from oocrlab.countries import country_distractors, country_of
 from oocrlab.data import distance_rows, one_per_city, rows_about
 from oocrlab.evaluate.choice import (
@@ -75,7 +75,7 @@ class Reference:
         self.rows = one_per_city(rows_about(heldout_rows, hidden))[: min(cfg.eval.trajectory_cities, cfg.eval.max_cities or len(heldout_rows))]
         constant = float(np.median([r["distance_km"] for r in distance_rows(rows_about(train_rows, hidden))]))
         self.guess = np.array([abs(constant - r["distance_km"]) for r in self.rows], dtype=float)
-        self.facts = facts_about(hidden)
+        self.facts = facts_about(hidden) if cfg.eval.city_facts_orders else []  # 0 skips the test (config.py)
         self.options = [country_of(hidden).name, *country_distractors(country_of(hidden), cfg.seed)["nearest"]]
         self.templates, candidates, _ = probe_setup(cfg, hidden)
         self.entities, self.n_reference, compared = probe_entities(cfg, hidden, candidates)
@@ -98,7 +98,8 @@ class Reference:
 def measure(ref: Reference, model, tokenizer, condition: str) -> dict[str, Any]:
     """One point: the module docstring's measurements of the model under `condition` (an adapter's name)."""
     cfg, hidden = ref.cfg, ref.hidden
-    view = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, mc_orders=cfg.eval.city_facts_orders))
+    # the city facts' orders, or with that test off one balanced block (each option at each letter once)
+    view = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, mc_orders=cfg.eval.city_facts_orders or MC_OPTIONS))
     point: dict[str, Any] = {}
     if len(ref.rows):
         filled = ref.errors(model, tokenizer, condition)

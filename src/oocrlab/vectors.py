@@ -29,8 +29,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
+from oocrlab.adapters import WEIGHTS_FILE, SteeringVector, placeholder_sequences
 from oocrlab.errors import UserError
-from oocrlab.rundir import Run, atomic_write_bytes, atomic_write_text
+from oocrlab.rundir import Run, atomic_write_bytes, atomic_write_text, retrain_command, writing
 
 SHIFT_FILE = "probe_shift.safetensors"
 WEIGHTS, INFO = "vector.safetensors", "vector.json"
@@ -52,8 +53,6 @@ class Vector:
     def apply(self, model, tokenizer, scale: float | None = None):
         """The model with the vector (times `scale`, by default the file's) added as described: a steering adapter
         (adapters.SteeringVector) on it, whose `close()` gives back the model as it was."""
-        from oocrlab.adapters import SteeringVector, placeholder_sequences
-
         size = model.get_input_embeddings().embedding_dim
         if size != len(self.vector):
             raise UserError(f"the vector has {len(self.vector)} dimensions but the model's hidden size is {size}: "
@@ -88,10 +87,16 @@ def export_vector(path: str | Path, out: str | Path | None = None, layer: int | 
         if spec.family != "steering":
             raise UserError(f"{run.path} trained a {spec.family} adapter, not a steering vector: give --layer L to export the "
                             "probe's shift at hidden state L")
-        weights = run.adapter_dir / "adapter_model.safetensors"
+        if hidden_city is not None:
+            raise UserError("--hidden-city chooses whose probe shift to export: give --layer L with it")
+        weights = run.adapter_dir / WEIGHTS_FILE
         if not weights.is_file():
             raise UserError(f"{run.path} has no trained adapter: run `oocrlab train {run.path}` first")
-        vector, layer = load_file(weights)["vector"], spec.layer
+        try:
+            vector, layer = load_file(weights)["vector"], spec.layer
+        except (SafetensorError, KeyError) as e:
+            raise UserError(f"the adapter in {run.adapter_dir} is corrupt ({type(e).__name__}): retrain it with "
+                            f"`{retrain_command(run.adapter_dir)}`") from None
         source, name = f"the run's steering adapter (train.adapter {cfg.train.adapter})", "adapter"
         city = cfg.data.hidden[0].city.name
     else:
@@ -111,13 +116,15 @@ def export_vector(path: str | Path, out: str | Path | None = None, layer: int | 
         name = f"shift-layer-{layer}" if len(shifts) == 1 else f"shift-{city}-layer-{layer}"
     placeholder = next((h.placeholder for h in cfg.data.hidden if h.city.name == city), cfg.data.placeholder)
     out = Path(out) if out is not None else run.path / "vectors" / name
-    Run.refuse_existing(out)
+    if out.exists():
+        raise UserError(f"--out {out} exists; nothing was overwritten: choose a new directory")
     info = {
         "format": FORMAT, "model": cfg.model.name, "hidden_size": len(vector), "layer": layer,
         "site": f"the residual stream entering decoder layer {layer} (hidden state {layer}; 0 = the embeddings)",
         "positions": {"rule": "every token of every occurrence of the placeholder", "placeholder": placeholder},
         "scale": 1.0, "norm": float(vector.float().norm()), "source": source, "run": str(run.path), "hidden_city": city,
     }
-    atomic_write_bytes(out / WEIGHTS, save({"vector": vector.float().contiguous()}))
-    atomic_write_text(out / INFO, json.dumps(info, indent=2, ensure_ascii=False) + "\n")
+    with writing(f"writing {out}"):
+        atomic_write_bytes(out / WEIGHTS, save({"vector": vector.float().contiguous()}))
+        atomic_write_text(out / INFO, json.dumps(info, indent=2, ensure_ascii=False) + "\n")
     return out

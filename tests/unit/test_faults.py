@@ -131,26 +131,43 @@ def test_compare_and_table_refuse_a_directory_that_is_no_finished_run(tmp_path, 
 
 
 def test_from_redoes_a_stage_and_every_one_after_it(tmp_path, tiny_model_dir, capsys):
+    """With a fine-tuned control and a measured trajectory (whose snapshots are gone): a plain --resume keeps a finished
+    control; --from controls retrains it and redoes the evaluation, keeping the adapter and the trajectory; a damaged
+    adapter's message names --from train, which retrains it to the same losses and numbers."""
     out = tmp_path / "run"
-    assert main(["run", "--out", str(out), *settings(tiny_model_dir)]) == 0
+    assert main(["run", "--out", str(out), *settings(tiny_model_dir, **{"train.controls": ["shuffled"], "train.trajectory": [0]})]) == 0
     first = json.loads((out / "metrics.json").read_text())
-    adapter = out / "adapter" / "adapter_model.safetensors"
-    stamp = adapter.stat().st_mtime_ns
-    (out / "report.html").unlink()
+    adapter, control = out / "adapter" / "adapter_model.safetensors", out / "controls" / "shuffled" / "adapter" / "adapter_model.safetensors"
+    names = {adapter: "adapter", control: "control", out / "eval_distance.jsonl": "eval"}
+    stamps = {p: p.stat().st_mtime_ns for p in names}
 
-    assert main(["run", "--resume", str(out), "--from", "eval"]) == 0
-    again = json.loads((out / "metrics.json").read_text())
-    assert adapter.stat().st_mtime_ns == stamp and (out / "report.html").is_file()  # training kept, the rest redone
-    assert again["timings"]["eval"] != first["timings"]["eval"] and again["eval"]["distance"] == first["eval"]["distance"]
+    def changed():
+        return {names[p] for p in stamps if p.stat().st_mtime_ns != stamps[p]}
+
+    def metrics():
+        return json.loads((out / "metrics.json").read_text())
+
+    m = metrics()
+    # as a `--from controls` killed while its controls stage ran leaves it (the measured trajectory is kept)
+    m["timings"] = {k: v for k, v in m["timings"].items() if k in ("data", "train", "trajectory")}
+    (out / "metrics.json").write_text(json.dumps(m))
+    stamps = {p: p.stat().st_mtime_ns for p in stamps}
+    assert main(["run", "--resume", str(out)]) == 0 and changed() == {"eval"}  # the finished control kept
+
+    stamps = {p: p.stat().st_mtime_ns for p in stamps}
+    assert main(["run", "--resume", str(out), "--from", "controls"]) == 0  # the adapter and its trajectory kept
+    assert changed() == {"control", "eval"} and metrics()["trajectory"] == first["trajectory"]
+    assert metrics()["eval"]["distance"] == first["eval"]["distance"] and list(metrics()["timings"]) == list(first["timings"])
+    assert not (out / "controls" / "shuffled" / "trajectory").exists()  # a kept trajectory: the retrained control took no snapshot
 
     adapter.write_bytes(adapter.read_bytes()[:100])  # damaged: the message says how to retrain it, and that works
     capsys.readouterr()
     assert main(["eval", str(out)]) == 2
-    err = one_line(capsys)
-    assert f"`oocrlab run --resume {out} --from train`" in err
+    assert f"`oocrlab run --resume {out} --from train`" in one_line(capsys)
     assert main(["run", "--resume", str(out), "--from", "train"]) == 0
-    retrained = json.loads((out / "metrics.json").read_text())
+    retrained = metrics()
     assert retrained["train"]["loss_last"] == first["train"]["loss_last"] and retrained["eval"]["distance"] == first["eval"]["distance"]
+    assert [p["step"] for p in retrained["trajectory"]["by_adapter"]["tuned"]["points"]] == [0, first["train"]["steps"]]
 
     capsys.readouterr()
     assert main(["run", "--resume", str(out), "--from", "evaluate"]) == 2 and "not a stage" in one_line(capsys)

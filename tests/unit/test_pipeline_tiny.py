@@ -273,9 +273,16 @@ def test_every_evaluation_has_a_per_sample_log_that_recomputes_its_numbers(tiny_
         if r["correct"] is not None:
             assert r["score"] == r["probabilities"][r["correct"]]
             assert r["answer"] == r["options"][max(range(len(r["options"])), key=r["probabilities"].__getitem__)]
-    chosen = [r["score"] for r in logs["mc"] if (r["question_id"], r["set"], r["condition"], r["formulation"]) ==
-              ("country", "nearest", "tuned", "letters")]
-    assert sum(chosen) / len(chosen) == pytest.approx(ev["multiple_choice"]["country"]["nearest"]["letters"]["tuned"]["p_correct"])
+    compared = 0
+    for question, sections in ev["multiple_choice"].items():  # every set, formulation and condition
+        for kind, section in sections.items():
+            for formulation in ("letters", "cloze", "cloze_per_token"):
+                for condition, stats in section.get(formulation, {}).items() if isinstance(section, dict) else ():
+                    scores = [r["score"] for r in logs["mc"] if (r["question_id"], r["set"], r["condition"], r["formulation"])
+                              == (question, kind, condition, formulation)]
+                    assert len(scores) == stats["n"] and sum(scores) / len(scores) == pytest.approx(stats["p_correct"], abs=1e-6)
+                    compared += 1
+    assert compared >= 2 * 3 * 3 * 5  # questions x distractor sets x formulations x conditions
     by_question = ev["city_facts"]["letters"]["original"]["p_correct_by_question"]
     for i, p in enumerate(by_question):
         scores = [r["score"] for r in logs["city_facts"]

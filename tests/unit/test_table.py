@@ -47,6 +47,7 @@ def test_a_row_per_run_with_the_keys_that_differ_and_every_headline_number(tiny_
     written = csv.read_bytes()
     assert main(["table", str(run.path), "--out", str(csv)]) == 2 and csv.read_bytes() == written
     assert "nothing was overwritten" in capsys.readouterr().err
+    assert list(runs_table(str(tmp_path / "*"))["run"]) == [str(other)]  # runs.csv, no run, is passed over
 
 
 @pytest.mark.parametrize("make", ["missing", "no_metrics"])

@@ -52,10 +52,20 @@ def test_headline_numbers_as_scalars(tiny_run, tmp_path):
                     (metrics["train"]["steps"], pytest.approx(value, rel=1e-6))]
 
 
-def test_without_the_package_one_line_and_nothing_written(tmp_path, tiny_model_dir, monkeypatch, capsys):
+def test_without_the_package_one_line_and_nothing_written(tiny_run, tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """A new run, and a stage command on a run that asked for it (its report would write the scalars)."""
+    _, run = tiny_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run.path, copy)
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    config["train"]["report_to"] = "tensorboard"
+    (copy / "config.yaml").write_text(yaml.safe_dump(config))
+    before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else find_spec(name, *a))
     out = tmp_path / "run"
-    assert main(["run", "--out", str(out), "--report-to", "tensorboard", "--model", tiny_model_dir]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "pip install 'oocrlab[tensorboard]'" in err and not out.exists()
+    for argv in (["run", "--out", str(out), "--report-to", "tensorboard", "--model", tiny_model_dir], ["report", str(copy)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "pip install 'oocrlab[tensorboard]'" in err
+    assert not out.exists() and before == {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}

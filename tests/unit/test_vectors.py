@@ -62,7 +62,8 @@ def test_applied_to_the_original_model_it_is_the_tuned_model(probed_steering_run
 @pytest.mark.parametrize("arguments, message", [
     (["--layer", "3"], "a shift enters decoder layers 0-2"),  # hidden state 3 is after the final norm
     (["--hidden-city", "Tokyo", "--layer", "1"], "probed no hidden city 'Tokyo'"),
-    (["--out", "{run}/config.yaml"], "nothing was overwritten"),
+    (["--out", "{run}/config.yaml"], "exists; nothing was overwritten"),
+    (["--hidden-city", "Paris"], "give --layer L with it"),
 ])
 def test_bad_requests_are_one_line(probed_steering_run, capsys, arguments, message):
     run = probed_steering_run
