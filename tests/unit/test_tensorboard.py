@@ -22,6 +22,17 @@ def scalars(directory, tag):
     return [(e.step, e.value) for e in events.Scalars(tag)]
 
 
+def asking_for_tensorboard(tiny_run, tmp_path):
+    """A copy of the shared tiny run whose config asks for TensorBoard (the report writes the scalars)."""
+    _, run = tiny_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run.path, copy)
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    config["train"]["report_to"] = "tensorboard"
+    (copy / "config.yaml").write_text(yaml.safe_dump(config))
+    return copy
+
+
 def test_training_curves_of_the_run_and_its_control(tmp_path, tiny_model_dir):
     out = tmp_path / "run"
     sets = [a for k, v in tiny_overrides(tiny_model_dir).items() for a in ("--set", f"{k}={json.dumps(v)}")]
@@ -35,12 +46,7 @@ def test_training_curves_of_the_run_and_its_control(tmp_path, tiny_model_dir):
 
 
 def test_headline_numbers_as_scalars(tiny_run, tmp_path):
-    _, run = tiny_run
-    copy = tmp_path / "copy"
-    shutil.copytree(run.path, copy)
-    config = yaml.safe_load((copy / "config.yaml").read_text())
-    config["train"]["report_to"] = "tensorboard"
-    (copy / "config.yaml").write_text(yaml.safe_dump(config))
+    copy = asking_for_tensorboard(tiny_run, tmp_path)
     assert main(["report", str(copy)]) == 0 and main(["report", str(copy)]) == 0  # the second replaces the first's
     metrics = json.loads((copy / "metrics.json").read_text())
     measures = headline_measures(metrics)
@@ -54,12 +60,7 @@ def test_headline_numbers_as_scalars(tiny_run, tmp_path):
 
 def test_without_the_package_one_line_and_nothing_written(tiny_run, tmp_path, tiny_model_dir, monkeypatch, capsys):
     """A new run, and a stage command on a run that asked for it (its report would write the scalars)."""
-    _, run = tiny_run
-    copy = tmp_path / "copy"
-    shutil.copytree(run.path, copy)
-    config = yaml.safe_load((copy / "config.yaml").read_text())
-    config["train"]["report_to"] = "tensorboard"
-    (copy / "config.yaml").write_text(yaml.safe_dump(config))
+    copy = asking_for_tensorboard(tiny_run, tmp_path)
     before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else find_spec(name, *a))
