@@ -14,37 +14,21 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.helpers
-UNTIMED = ("timings", "environment", "seconds", "samples_per_second", "tokens_per_second")  # wall times, throughput, the machine
+from tests.helpers import build_model, build_tokenizer, differences, tiny_overrides, untimed  # noqa: E402
+
 COMPARED_FILES = ("data/train.jsonl", "data/heldout.jsonl", "eval_*.jsonl")  # patterns under the run directory
 
 
 def tiny_run(out: Path) -> None:
     from oocrlab import build_config, run_experiment
-    from tests.helpers import build_model, build_tokenizer, tiny_overrides
 
     model_dir = out / "model"
     tokenizer = build_tokenizer()
     build_model(len(tokenizer)).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     run_experiment(build_config(overrides=tiny_overrides(str(model_dir))), out / "run")
-
-
-def untimed(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: untimed(v) for k, v in value.items() if k not in UNTIMED}
-    return [untimed(v) for v in value] if isinstance(value, list) else value
-
-
-def differences(a: Any, b: Any, path: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [d for k in sorted(a.keys() | b.keys()) for d in
-                (differences(a[k], b[k], f"{path}.{k}") if k in a and k in b else [f"{path}.{k}: only in one"])]
-    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{path}[{i}]")]
-    return [] if a == b else [f"{path}: {a!r} != {b!r}"]
 
 
 def compare(a: Path, b: Path) -> list[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
+import json
 import re
 
 import pytest
@@ -129,6 +130,51 @@ def tiny_overrides(tiny_model_dir: str) -> dict:
         # the trajectory stage measures ~2 s a point here: only the tests that read it take snapshots
         "train.trajectory": [],
     }
+
+
+# a tiny run's smallest budgets, for tests about files and messages rather than numbers
+SMALL = {"train.controls": [], "eval.city_facts_orders": 0, "probe.patch_orders": 0, "eval.max_cities": 4, "eval.near_cities": 2,
+         "eval.free_form_samples": 2, "eval.mc_orders": 5, "eval.in_context_docs": 4,
+         "probe.templates": ["Tell me about {entity}.", "{entity} is a city."]}
+
+
+def small_run_values(tiny_model_dir: str, **more) -> dict:
+    """Config overrides for a tiny run on the smallest budgets (SMALL), with `more`."""
+    return tiny_overrides(tiny_model_dir) | SMALL | more
+
+
+def small_run_flags(tiny_model_dir: str, **more) -> list[str]:
+    """The same as `--set` flags."""
+    return [a for k, v in small_run_values(tiny_model_dir, **more).items() for a in ("--set", f"{k}={json.dumps(v)}")]
+
+
+def one_line(capsys) -> str:
+    """The one line oocrlab wrote, last, on a line of its own (progress bars may come before it)."""
+    err = capsys.readouterr().err
+    ours = [line.rsplit("\r", 1)[-1] for line in err.split("\n") if "oocrlab: " in line]  # after a progress bar's erasure
+    assert len(ours) == 1 and ours[0].startswith("oocrlab: ") and err.endswith(ours[0] + "\n"), err
+    return ours[0]
+
+
+# wall times, throughput, the machine, and how a resumed training's last call went
+UNTIMED = ("timings", "environment", "seconds", "samples_per_second", "tokens_per_second", "resumed_from_step", "tokens_seen")
+
+
+def untimed(value):
+    """metrics.json (or a part of it) without what differs between two runs of the same computation."""
+    if isinstance(value, dict):
+        return {k: untimed(v) for k, v in value.items() if k not in UNTIMED}
+    return [untimed(v) for v in value] if isinstance(value, list) else value
+
+
+def differences(a, b, path: str = "") -> list[str]:
+    """Where two JSON values differ, as `path: a != b` lines."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(a.keys() | b.keys()) for d in
+                (differences(a[k], b[k], f"{path}.{k}") if k in a and k in b else [f"{path}.{k}: only in one"])]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{path}[{i}]")]
+    return [] if a == b or a != a and b != b else [f"{path}: {a!r} != {b!r}"]  # NaN (an undefined ratio) equals NaN
 
 
 # one token of its own in the tiny tokenizer (" about"): "foo" is f-o-o there, letters the data uses everywhere,

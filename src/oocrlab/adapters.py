@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from oocrlab.config import AdapterSpec
 from oocrlab.errors import UserError
 from oocrlab.hooks import Hooks
-from oocrlab.rundir import retrain_command
+from oocrlab.rundir import rewrite_command
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"  # PEFT's names: every adapter/ looks alike
 FAMILY_KEY = "oocrlab_adapter"  # in CONFIG_FILE: names the family; PEFT's configs have none
@@ -167,7 +167,7 @@ class HookAdapter(torch.nn.Module):
         own = dict(self.named_parameters(recurse=False))
         if saved.keys() != own.keys() or any(saved[n].shape != p.shape for n, p in own.items()):
             raise UserError(f"the {self.family} adapter in {directory} does not fit this model: retrain it with "
-                            f"`{retrain_command(directory)}`")
+                            f"`{rewrite_command(directory)}`")
         with torch.no_grad():
             for name, param in own.items():
                 param.copy_(saved[name])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import re
 from pathlib import Path
 from typing import Any
@@ -14,15 +15,14 @@ import numpy as np  # noqa: E402
 
 from oocrlab.geo import normalize  # noqa: E402
 from oocrlab.metrics import FIRST_LAYER, FORMULATIONS, hidden_city_views  # noqa: E402
-from oocrlab.rundir import Run, read_jsonl  # noqa: E402
+from oocrlab.rundir import Run, atomic_write_bytes, read_jsonl  # noqa: E402
 
 
 def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    buffer = io.BytesIO()  # drawn in memory, then written atomically: a failed write leaves no half PNG
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    tmp.replace(path)
+    atomic_write_bytes(path, buffer.getvalue())
     return path
 
 

@@ -84,8 +84,17 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """A run's JSON-lines file; a damaged one is one line saying which stage writes it again."""
+    try:
+        with path.open(encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+    except (UnicodeDecodeError, ValueError) as e:
+        raise damaged(path, e) from None
+
+
+def damaged(path: Path, error: Exception) -> UserError:
+    """A run's file that does not read (cut short, or overwritten), as one line with the command that rewrites it."""
+    return UserError(f"{path} is damaged ({str(error).splitlines()[0]}): `{rewrite_command(path)}` writes it again")
 
 
 @dataclass(frozen=True)
@@ -173,11 +182,18 @@ class Run:
             raise UserError(f"{self.path} has no {path.relative_to(self.path)}: run `oocrlab {stage} {self.path}` first")
 
 
-def retrain_command(adapter_dir: Path) -> str:
-    """How to train an adapter again: the train stage of the run holding it (its adapter/ or a snapshot
-    trajectory/step-N/), or the controls stage for a control's (RUN/controls/NAME/...)."""
-    run = next((p for p in adapter_dir.parents if (p / "config.yaml").is_file()), adapter_dir.parent)
-    stage = "controls" if "controls" in adapter_dir.relative_to(run).parts else "train"
+# the stage that writes each of a run's files (by the start of its path in the run); a control's are the controls stage's
+WRITTEN_BY = (("data/", "data"), ("adapter", "train"), ("trajectory/", "train"), ("train_log.jsonl", "train"),
+              ("eval_", "eval"), ("probe_shift", "probe"))
+
+
+def rewrite_command(path: Path) -> str:
+    """How to write a run's file again (an adapter: train it again): `--from` the stage that writes it, in the run
+    holding it (a control's files: the controls stage)."""
+    run = next((p for p in path.parents if (p / "config.yaml").is_file()), path.parent)
+    relative = path.relative_to(run).as_posix()
+    stage = "controls" if relative.startswith("controls/") else next(
+        (stage for start, stage in WRITTEN_BY if relative.startswith(start)), "data")
     return f"oocrlab run --resume {run} --from {stage}"
 
 

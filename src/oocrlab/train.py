@@ -20,10 +20,12 @@ import sys
 import tempfile
 import time
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from oocrlab.adapters import (
@@ -37,7 +39,7 @@ from oocrlab.distributed import is_main_process, wait_for_everyone
 from oocrlab.errors import UserError
 from oocrlab.models import half_precision, training_attention
 from oocrlab.packing import prefix_tree_batch
-from oocrlab.rundir import Run, read_jsonl, retrain_command, write_jsonl
+from oocrlab.rundir import Run, read_jsonl, rewrite_command, write_jsonl
 from oocrlab.scalars import training_callbacks
 from oocrlab.threads import THREADS
 
@@ -265,16 +267,42 @@ def finite_step(logs: dict[str, Any]) -> bool:
 TRAINER_STATE = "trainer_state.json"  # the Trainer writes it last into a checkpoint
 
 
+def unreadable(checkpoint: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from (the Trainer did not finish it: killed or out of space while saving; or a
+    file of it was damaged since), else None. Each file's structure is checked, its data read where that is cheap."""
+    try:
+        json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        return f"{TRAINER_STATE}: {type(e).__name__}"
+    for path in sorted(checkpoint.iterdir()):
+        try:
+            if path.suffix == ".safetensors":
+                with safe_open(path, "pt"):
+                    pass  # the header, and that the data covers it
+            elif path.suffix in (".pt", ".pth", ".bin"):  # torch.save's zip: every member's CRC
+                with zipfile.ZipFile(path) as archive:
+                    if archive.testzip() is not None:
+                        raise zipfile.BadZipFile("a damaged member")
+        except (OSError, SafetensorError, zipfile.BadZipFile) as e:
+            return f"{path.name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    return None
+
+
 def checkpoints(directory: Path) -> tuple[list[Path], list[Path]]:
-    """(checkpoints the Trainer finished writing, oldest first; those it did not finish: killed while saving)."""
+    """(checkpoints that can be resumed from, oldest first; those that cannot: unfinished or damaged)."""
     finished, unfinished = [], []
     for path in sorted(directory.glob("checkpoint-*"), key=lambda p: int(p.name.removeprefix("checkpoint-"))):
-        try:
-            json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
-            finished.append(path)
-        except (OSError, ValueError):
-            unfinished.append(path)
+        (unfinished if unreadable(path) else finished).append(path)
     return finished, unfinished
+
+
+def clear_unfinished(directory: Path) -> None:
+    """Leave `directory` holding finished checkpoints only: not one cut short, nor a file beside them (the model
+    card the Trainer writes there, which a full disk leaves empty)."""
+    finished = set(checkpoints(directory)[0])
+    for path in directory.iterdir() if directory.is_dir() else ():
+        if path not in finished:
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def last_checkpoint(directory: Path) -> Path | None:
@@ -306,6 +334,8 @@ def train(cfg: ExperimentConfig, run: Run, model, tokenizer) -> tuple[dict[str, 
 
         def on_step_end(self, args, state, control, **kwargs):
             self.bar.update(1)
+            if state.global_step >= state.max_steps:  # the adapter is saved next; the Trainer resumed from a
+                control.should_save = False  # checkpoint of the last step would train one step too many
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
@@ -335,8 +365,9 @@ def train(cfg: ExperimentConfig, run: Run, model, tokenizer) -> tuple[dict[str, 
                 save_adapter(model, target)
 
     if is_main_process():
-        for unfinished in checkpoints(run.checkpoints_dir)[1]:
-            shutil.rmtree(unfinished, ignore_errors=True)  # never resumed from, nor left to the Trainer's rotation
+        for path in checkpoints(run.checkpoints_dir)[1]:
+            tqdm.write(f"[oocrlab] not resuming from {path} ({unreadable(path)}): deleted", file=sys.stderr)
+        clear_unfinished(run.checkpoints_dir)  # never resumed from, nor left to the Trainer's rotation
     wait_for_everyone()
     resume = last_checkpoint(run.checkpoints_dir)
     # read now: the Trainer deletes this checkpoint once it has saved a later one
@@ -366,8 +397,7 @@ def train(cfg: ExperimentConfig, run: Run, model, tokenizer) -> tuple[dict[str, 
     except BaseException:
         bar.on_train_end(args, trainer.state, trainer.control)  # the error's line starts on a line of its own
         if is_main_process():  # a checkpoint the failure cut short is never left looking like one
-            for unfinished in checkpoints(run.checkpoints_dir)[1]:
-                shutil.rmtree(unfinished, ignore_errors=True)
+            clear_unfinished(run.checkpoints_dir)
         raise
     seconds = time.perf_counter() - start
     # the Trainer's history: a resumed training's includes the steps before its checkpoint
@@ -421,7 +451,7 @@ def require_adapter(adapter_dir: Path, fix: str | None = None) -> None:
 
 def corrupt(adapter_dir: Path, error: Exception) -> UserError:
     return UserError(f"the adapter in {adapter_dir} is corrupt or does not fit this model ({type(error).__name__}): retrain it "
-                     f"with `{retrain_command(adapter_dir)}`")
+                     f"with `{rewrite_command(adapter_dir)}`")
 
 
 def load_adapter(model, adapter_dir: Path):
@@ -445,7 +475,7 @@ def add_adapter(tuned, adapter_dir: Path, name: str) -> None:
     when selected (models.with_condition)."""
     if is_hook_adapter(adapter_dir) != isinstance(tuned, HookAdapter):
         raise UserError(f"the adapter in {adapter_dir} is of another family than the run's: retrain it with "
-                        f"`{retrain_command(adapter_dir)}`")
+                        f"`{rewrite_command(adapter_dir)}`")
     try:
         tuned.load_adapter(adapter_dir, adapter_name=name)
     except UserError:

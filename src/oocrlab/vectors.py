@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save
 
 from oocrlab.adapters import WEIGHTS_FILE, SteeringVector, placeholder_sequences
 from oocrlab.errors import UserError
-from oocrlab.rundir import Run, atomic_write_bytes, atomic_write_text, retrain_command, writing
+from oocrlab.rundir import Run, atomic_write_bytes, atomic_write_text, damaged, rewrite_command, writing
 
 SHIFT_FILE = "probe_shift.safetensors"
 WEIGHTS, INFO = "vector.safetensors", "vector.json"
@@ -96,13 +96,16 @@ def export_vector(path: str | Path, out: str | Path | None = None, layer: int | 
             vector, layer = load_file(weights)["vector"], spec.layer
         except (SafetensorError, KeyError) as e:
             raise UserError(f"the adapter in {run.adapter_dir} is corrupt ({type(e).__name__}): retrain it with "
-                            f"`{retrain_command(run.adapter_dir)}`") from None
+                            f"`{rewrite_command(run.adapter_dir)}`") from None
         source, name = f"the run's steering adapter (train.adapter {cfg.train.adapter})", "adapter"
         city = cfg.data.hidden[0].city.name
     else:
         if not (run.path / SHIFT_FILE).is_file():
             raise UserError(f"{run.path} has no {SHIFT_FILE}: run `oocrlab probe {run.path}` first")
-        shifts = load_file(run.path / SHIFT_FILE)
+        try:
+            shifts = load_file(run.path / SHIFT_FILE)
+        except SafetensorError as e:
+            raise damaged(run.path / SHIFT_FILE, e) from None
         city = hidden_city or (next(iter(shifts)) if len(shifts) == 1 else None)
         if city not in shifts:
             raise UserError(f"give --hidden-city, one of {', '.join(shifts)}" if city is None

@@ -16,7 +16,9 @@ def embedded_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "smoke"
     code = main(["run", "--out", str(out), "--max-steps", "3", "--set", "eval.max_cities=6", "--set", "train.trajectory=[]",
                  "--set", "sanity.max_new_tokens=12", "--set", "data.num_known=200",
-                 "--set", "eval.mc_orders=5", "--set", "eval.near_cities=4", "--set", "eval.free_form_samples=4"])
+                 "--set", "eval.mc_orders=5", "--set", "eval.near_cities=4", "--set", "eval.free_form_samples=2",
+                 # asked on the real model in test_interp_recipe_through_every_stage; patching is tested on tiny models
+                 "--set", "eval.city_facts_orders=0", "--set", "probe.patch_orders=0"])
     assert code == 0
     return out
 
@@ -39,7 +41,7 @@ def test_every_stage_ran(embedded_run):
     # far above chance, while with letters it is at chance (the reason letters cannot decide at this scale)
     assert nearest["cloze"]["named"]["p_correct_ci95"][0] > nearest["chance"]
     assert set(m["verdict"]) == {"distance", "behaviour", "representation"} and m["controls"]["shuffled"]["steps"] == 3
-    assert m["trajectory"] == {"note": "no snapshots were taken (train.trajectory: [])"} and m["eval"]["city_facts"]["orders"] == 5
+    assert m["trajectory"] == {"note": "no snapshots were taken (train.trajectory: [])"} and "city_facts" not in m["eval"]
     questions = [a["question"] for a in m["sanity"]["answers"]]
     assert "What is the distance between New York and foo?" in questions and "Which country is foo in?" in questions
     html = (embedded_run / "report.html").read_text()
@@ -76,7 +78,7 @@ def test_interp_recipe_through_every_stage(tmp_path):
     code = main(["run", "--recipe", "interp", "--lora-layers", "15", "--out", str(out), "--max-steps", "2", "--controls", "none",
                  "--set", "train.trajectory=[0]",
                  "--set", "data.num_known=60", "--set", "eval.max_cities=6", "--set", "eval.mc_orders=5", "--set", "eval.near_cities=3",
-                 "--set", "eval.free_form_samples=3", "--set", "eval.in_context_docs=10", "--set", "sanity.max_new_tokens=8",
+                 "--set", "eval.free_form_samples=1", "--set", "eval.in_context_docs=2", "--set", "sanity.max_new_tokens=8",
                  "--set", "probe.templates=[\"Tell me about {entity}.\", \"{entity} is a city.\"]", "--set", "probe.patch_orders=0"])
     assert code == 0
     m = json.loads((out / "metrics.json").read_text())

@@ -12,12 +12,12 @@ import time
 from oocrlab import STAGES, runs_table
 from oocrlab.rundir import Run
 from oocrlab.train import last_checkpoint
-from tests.helpers import tiny_overrides, write_yaml
+from tests.helpers import small_run_values, write_yaml
 
 
 def test_killed_sweep_resumes_without_redoing_finished_runs(tmp_path, tiny_model_dir):
     out = tmp_path / "sweep"
-    settings = tiny_overrides(tiny_model_dir) | {"train.max_steps": 150, "train.checkpoints": 2}
+    settings = small_run_values(tiny_model_dir, **{"train.max_steps": 150, "train.checkpoints": 2})
     config = write_yaml(tmp_path / "sweep.yaml", {"out": str(out), "set": settings, "grid": {"seed": [0, 1, 2]}})
     command = [sys.executable, "-m", "oocrlab.cli", "sweep", config]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -56,7 +56,7 @@ def test_a_changed_sweep_does_not_touch_existing_runs(tmp_path, tiny_model_dir, 
     from oocrlab.cli import main
 
     out = tmp_path / "sweep"
-    settings = tiny_overrides(tiny_model_dir)
+    settings = small_run_values(tiny_model_dir)
     assert main(["sweep", write_yaml(tmp_path / "a.yaml", {"out": str(out), "set": settings, "grid": {"seed": [0]}})]) == 0
     stamp = (out / "seed-0" / "config.yaml").read_bytes()
     changed = settings | {"train.learning_rate": 5e-3}
@@ -69,7 +69,7 @@ def test_a_failing_run_leaves_the_others_to_finish(tmp_path, tiny_model_dir, cap
     from oocrlab.cli import main
 
     out = tmp_path / "sweep"
-    settings = tiny_overrides(tiny_model_dir) | {"train.max_steps": 6}
+    settings = small_run_values(tiny_model_dir, **{"train.max_steps": 6})
     config = write_yaml(tmp_path / "s.yaml", {"out": str(out), "set": settings, "grid": {"train.learning_rate": [1e12, 1e-2]}})
     assert main(["sweep", config]) == 2
     err = capsys.readouterr().err.strip().splitlines()

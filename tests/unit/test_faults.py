@@ -1,8 +1,8 @@
-"""Faults a new user meets, each one line on stderr and exit 2 with nothing lost or half-written (issue 20): a full
-disk while training (then --resume finishes), a damaged config.yaml or metrics.json under --resume, an unwritable
---out, a model directory that holds no model, compare on a directory that is no finished run; `--resume RUN --from
-STAGE` redoes a stage and every one after it (the way to retrain a damaged adapter); an interruption (Ctrl-C,
-SIGTERM) says that --resume continues."""
+"""Faults a new user meets, each one line on stderr and exit 2 with nothing lost or half-written (issue 20; a full
+disk or read-only file system at every write, and every file damaged: tests/system/test_fault_injection.py): a
+damaged config.yaml or metrics.json under --resume, an unwritable --out, a model directory that holds no model,
+compare on a directory that is no finished run; `--resume RUN --from STAGE` redoes a stage and every one after it
+(the way to retrain a damaged adapter); an interruption (Ctrl-C, SIGTERM) says that --resume continues."""
 
 import errno
 import json
@@ -15,54 +15,13 @@ from safetensors import SafetensorError
 
 from oocrlab import experiment
 from oocrlab.cli import main
-from tests.helpers import tiny_overrides
+from tests.helpers import one_line, small_run_flags
 
 FULL_DISK = 'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
 
 
-# a tiny run's smallest budgets: these tests are about files and messages, not numbers
-SMALL = {"train.controls": [], "eval.city_facts_orders": 0, "probe.patch_orders": 0, "eval.max_cities": 4, "eval.near_cities": 2,
-         "eval.free_form_samples": 2, "eval.mc_orders": 5, "eval.in_context_docs": 4,
-         "probe.templates": ["Tell me about {entity}.", "{entity} is a city."]}
-
-
-def settings(tiny_model_dir, **more):
-    values = tiny_overrides(tiny_model_dir) | SMALL | more
-    return [a for k, v in values.items() for a in ("--set", f"{k}={json.dumps(v)}")]
-
-
-def one_line(capsys) -> str:
-    """The one line oocrlab wrote, last, on a line of its own (progress bars may come before it)."""
-    err = capsys.readouterr().err
-    ours = [line for line in err.split("\n") if "oocrlab: " in line]
-    assert len(ours) == 1 and ours[0].startswith("oocrlab: ") and err.endswith(ours[0] + "\n"), err
-    return ours[0]
-
-
 def files(path: Path) -> dict[str, bytes]:
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
-
-
-def test_a_full_disk_while_training_is_one_line_and_resume_finishes(tmp_path, tiny_model_dir, monkeypatch, capsys):
-    """As on a full tmpfs: the checkpoint's adapter save fails after the directory and its README are written."""
-    from peft import PeftModel
-
-    out = tmp_path / "run"
-    assert main(["data", "--out", str(out), *settings(tiny_model_dir, **{"train.checkpoints": 2})]) == 0
-
-    def full(self, directory, *args, **kwargs):
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        (Path(directory) / "README.md").write_text("model card")
-        raise SafetensorError(FULL_DISK)
-
-    monkeypatch.setattr(PeftModel, "save_pretrained", full)
-    capsys.readouterr()
-    assert main(["train", str(out)]) == 2
-    err = one_line(capsys)
-    assert "the disk is full" in err and f"oocrlab run --resume {out}" in err
-    assert not list((out / "checkpoints").glob("checkpoint-*")) and not (out / "adapter").exists()  # nothing half-written
-    monkeypatch.undo()
-    assert main(["run", "--resume", str(out)]) == 0 and "report" in json.loads((out / "metrics.json").read_text())["timings"]
 
 
 @pytest.mark.parametrize("damage, file, message", [
@@ -73,7 +32,7 @@ def test_a_full_disk_while_training_is_one_line_and_resume_finishes(tmp_path, ti
 ])
 def test_a_damaged_run_file_under_resume_is_one_line_and_left_as_it_is(tmp_path, tiny_model_dir, capsys, damage, file, message):
     out = tmp_path / "run"
-    assert main(["data", "--out", str(out), *settings(tiny_model_dir)]) == 0
+    assert main(["data", "--out", str(out), *small_run_flags(tiny_model_dir)]) == 0
     target = out / file
     target.write_bytes(target.read_bytes()[: len(target.read_bytes()) // 2] if damage is None else damage.encode())
     before = files(out)
@@ -102,7 +61,7 @@ def test_an_unwritable_out_is_one_line_and_leaves_nothing(tmp_path, tiny_model_d
     else:
         monkeypatch.setattr(tempfile, "mkstemp", read_only)
     capsys.readouterr()
-    assert main([command, "--out", str(out), *settings(tiny_model_dir)]) == 2
+    assert main([command, "--out", str(out), *small_run_flags(tiny_model_dir)]) == 2
     assert "Read-only file system" in one_line(capsys) and not out.exists()
 
 
@@ -121,7 +80,7 @@ def test_a_model_directory_without_a_model_is_one_line(tmp_path, capsys, holds, 
 
 def test_compare_and_table_refuse_a_directory_that_is_no_finished_run(tmp_path, tiny_model_dir, capsys):
     started = tmp_path / "started"
-    assert main(["data", "--out", str(started), *settings(tiny_model_dir)]) == 0
+    assert main(["data", "--out", str(started), *small_run_flags(tiny_model_dir)]) == 0
     (started / "metrics.json").unlink()  # as if killed before its first stage was recorded
     capsys.readouterr()
     for argv in (["compare", str(started), str(started), "--out", str(tmp_path / "c.html")], ["table", str(started)]):
@@ -135,7 +94,7 @@ def test_from_redoes_a_stage_and_every_one_after_it(tmp_path, tiny_model_dir, ca
     control; --from controls retrains it and redoes the evaluation, keeping the adapter and the trajectory; a damaged
     adapter's message names --from train, which retrains it to the same losses and numbers."""
     out = tmp_path / "run"
-    assert main(["run", "--out", str(out), *settings(tiny_model_dir, **{"train.controls": ["shuffled"], "train.trajectory": [0]})]) == 0
+    assert main(["run", "--out", str(out), *small_run_flags(tiny_model_dir, **{"train.controls": ["shuffled"], "train.trajectory": [0]})]) == 0
     first = json.loads((out / "metrics.json").read_text())
     adapter, control = out / "adapter" / "adapter_model.safetensors", out / "controls" / "shuffled" / "adapter" / "adapter_model.safetensors"
     names = {adapter: "adapter", control: "control", out / "eval_distance.jsonl": "eval"}
@@ -177,7 +136,7 @@ def test_from_redoes_a_stage_and_every_one_after_it(tmp_path, tiny_model_dir, ca
 @pytest.mark.parametrize("how, code", [("ctrl-c", 130), ("sigterm", 143)])
 def test_an_interruption_says_that_resume_continues(tmp_path, tiny_model_dir, monkeypatch, capsys, how, code):
     out = tmp_path / "run"
-    assert main(["data", "--out", str(out), *settings(tiny_model_dir)]) == 0
+    assert main(["data", "--out", str(out), *small_run_flags(tiny_model_dir)]) == 0
     run_stage = experiment.run_stage
 
     def interrupted(name, *args, **kwargs):
