@@ -143,9 +143,13 @@ def small_run_values(tiny_model_dir: str, **more) -> dict:
     return tiny_overrides(tiny_model_dir) | SMALL | more
 
 
+def set_flags(values: dict) -> list[str]:
+    """Config overrides as `--set` flags."""
+    return [a for k, v in values.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+
+
 def small_run_flags(tiny_model_dir: str, **more) -> list[str]:
-    """The same as `--set` flags."""
-    return [a for k, v in small_run_values(tiny_model_dir, **more).items() for a in ("--set", f"{k}={json.dumps(v)}")]
+    return set_flags(small_run_values(tiny_model_dir, **more))
 
 
 def one_line(capsys) -> str:
@@ -156,15 +160,14 @@ def one_line(capsys) -> str:
     return ours[0]
 
 
-# wall times, throughput, the machine, and how a resumed training's last call went
-UNTIMED = ("timings", "environment", "seconds", "samples_per_second", "tokens_per_second", "resumed_from_step", "tokens_seen")
+UNTIMED = ("timings", "environment", "seconds", "samples_per_second", "tokens_per_second")  # wall times, throughput, the machine
 
 
-def untimed(value):
-    """metrics.json (or a part of it) without what differs between two runs of the same computation."""
+def untimed(value, dropped: tuple[str, ...] = UNTIMED):
+    """metrics.json (or a part of it) without what differs between two runs of the same computation (the keys `dropped`)."""
     if isinstance(value, dict):
-        return {k: untimed(v) for k, v in value.items() if k not in UNTIMED}
-    return [untimed(v) for v in value] if isinstance(value, list) else value
+        return {k: untimed(v, dropped) for k, v in value.items() if k not in dropped}
+    return [untimed(v, dropped) for v in value] if isinstance(value, list) else value
 
 
 def differences(a, b, path: str = "") -> list[str]:

@@ -128,7 +128,8 @@ class Writes:
 
         def open_(file, mode="r", *args, **kwargs):
             if any(m in mode for m in "wax+"):
-                self._write("open", file, leave=lambda: real_open(file, "wb").close())
+                # a full disk leaves a file opened to be written empty, one opened to add to as it was
+                self._write("open", file, leave=lambda: real_open(file, "ab" if "a" in mode or "+" in mode else "wb").close())
             else:
                 self._read(file)
             return real_open(file, mode, *args, **kwargs)
@@ -169,5 +170,7 @@ class Writes:
         return self
 
     def __exit__(self, *exc) -> None:
+        if self.child is not None:  # a forked child the caller did not end: it must never go on into the test session
+            os._exit(70)
         for module, name, real in self._undo:
             setattr(module, name, real)

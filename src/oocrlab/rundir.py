@@ -88,13 +88,14 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     try:
         with path.open(encoding="utf-8") as f:
             return [json.loads(line) for line in f if line.strip()]
-    except (UnicodeDecodeError, ValueError) as e:
+    except ValueError as e:  # UnicodeDecodeError among them
         raise damaged(path, e) from None
 
 
 def damaged(path: Path, error: Exception) -> UserError:
     """A run's file that does not read (cut short, or overwritten), as one line with the command that rewrites it."""
-    return UserError(f"{path} is damaged ({str(error).splitlines()[0]}): `{rewrite_command(path)}` writes it again")
+    why = (str(error).splitlines() or [type(error).__name__])[0]
+    return UserError(f"{path} is damaged ({why}): `{rewrite_command(path)}` writes it again")
 
 
 @dataclass(frozen=True)
@@ -183,8 +184,9 @@ class Run:
 
 
 # the stage that writes each of a run's files (by the start of its path in the run); a control's are the controls stage's
-WRITTEN_BY = (("data/", "data"), ("adapter", "train"), ("trajectory/", "train"), ("train_log.jsonl", "train"),
-              ("eval_", "eval"), ("probe_shift", "probe"))
+WRITTEN_BY = (("data/", "data"), ("adapter", "train"), ("checkpoints/", "train"), ("trajectory/", "train"),
+              ("train_log.jsonl", "train"), ("eval_", "eval"), ("probe_shift", "probe"), ("plots/", "report"),
+              ("report.html", "report"))
 
 
 def rewrite_command(path: Path) -> str:

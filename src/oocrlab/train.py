@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from oocrlab.adapters import (
@@ -270,21 +270,19 @@ TRAINER_STATE = "trainer_state.json"  # the Trainer writes it last into a checkp
 def unreadable(checkpoint: Path) -> str | None:
     """Why a checkpoint cannot be resumed from (the Trainer did not finish it: killed or out of space while saving; or a
     file of it was damaged since), else None. Each file's structure is checked, its data read where that is cheap."""
+    path = checkpoint / TRAINER_STATE
     try:
-        json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        return f"{TRAINER_STATE}: {type(e).__name__}"
-    for path in sorted(checkpoint.iterdir()):
-        try:
+        json.loads(path.read_text(encoding="utf-8"))
+        for path in sorted(checkpoint.iterdir()):
             if path.suffix == ".safetensors":
                 with safe_open(path, "pt"):
-                    pass  # the header, and that the data covers it
+                    pass  # the header, and that the file is as long as it says
             elif path.suffix in (".pt", ".pth", ".bin"):  # torch.save's zip: every member's CRC
                 with zipfile.ZipFile(path) as archive:
                     if archive.testzip() is not None:
                         raise zipfile.BadZipFile("a damaged member")
-        except (OSError, SafetensorError, zipfile.BadZipFile) as e:
-            return f"{path.name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    except Exception as e:  # whatever a damaged file raises in its reader: it cannot be resumed from
+        return f"{path.name}: {(str(e).splitlines() or [type(e).__name__])[0]}"
     return None
 
 
@@ -296,13 +294,14 @@ def checkpoints(directory: Path) -> tuple[list[Path], list[Path]]:
     return finished, unfinished
 
 
-def clear_unfinished(directory: Path) -> None:
-    """Leave `directory` holding finished checkpoints only: not one cut short, nor a file beside them (the model
-    card the Trainer writes there, which a full disk leaves empty)."""
-    finished = set(checkpoints(directory)[0])
+def clear_unfinished(directory: Path) -> list[Path]:
+    """Leave `directory` holding finished checkpoints only: not one cut short or damaged, nor a file beside them (the
+    model card the Trainer writes there, which a full disk leaves empty). Returns the checkpoints deleted."""
+    finished, unfinished = checkpoints(directory)
     for path in directory.iterdir() if directory.is_dir() else ():
         if path not in finished:
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    return unfinished
 
 
 def last_checkpoint(directory: Path) -> Path | None:
@@ -365,9 +364,8 @@ def train(cfg: ExperimentConfig, run: Run, model, tokenizer) -> tuple[dict[str, 
                 save_adapter(model, target)
 
     if is_main_process():
-        for path in checkpoints(run.checkpoints_dir)[1]:
-            tqdm.write(f"[oocrlab] not resuming from {path} ({unreadable(path)}): deleted", file=sys.stderr)
-        clear_unfinished(run.checkpoints_dir)  # never resumed from, nor left to the Trainer's rotation
+        for path in clear_unfinished(run.checkpoints_dir):  # never resumed from, nor left to the Trainer's rotation
+            tqdm.write(f"[oocrlab] {path} could not be resumed from (unfinished or damaged): deleted", file=sys.stderr)
     wait_for_everyone()
     resume = last_checkpoint(run.checkpoints_dir)
     # read now: the Trainer deletes this checkpoint once it has saved a later one

@@ -13,6 +13,7 @@ import contextlib
 import errno
 import hashlib
 import importlib
+import io
 import json
 import os
 import random
@@ -22,11 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from oocrlab import experiment
 from oocrlab.cli import main
-from tests.helpers import differences, one_line, small_run_values, untimed
+from tests.helpers import UNTIMED, differences, one_line, set_flags, small_run_values, untimed
 from tests.injection import Write, Writes
 
 # the smallest budgets (test_faults.py's), one checkpoint (at step 2 of 3) and a one-point trajectory: every kind of
@@ -37,9 +39,22 @@ FLAGS = {"train.max_steps": 3, "train.checkpoints": 1, "train.trajectory": [0], 
 VARIES = re.compile(r"\d[\d,.]*(?= s\b| tokens/s)|(?:/[\w.@+-]+){2,}")
 
 
+# and how a resumed training's last call went (the same training, resumed from its checkpoint)
+RESUMED = (*UNTIMED, "resumed_from_step", "tokens_seen")
+
+
+def numbers(path: Path):
+    """A metrics.json's numbers, those that differ between runs of the same computation aside."""
+    return untimed(json.loads(path.read_text()), RESUMED)
+
+
 def temporary(name: str) -> bool:
     """A file or directory written under a dotted name, to be renamed once complete (a run holds no other)."""
     return any(part.startswith(".") for part in name.split("/"))
+
+
+# forked children and byte-for-byte comparisons: on the CPU, where a run of the tiny model is deterministic
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork") or torch.cuda.is_available(), reason="needs fork and a CPU-only run")
 
 
 class Stop(BaseException):
@@ -86,13 +101,9 @@ def reference(tmp_path_factory, tiny_model_dir) -> Reference:
     out, snapshots = root / "run", root / "snapshots"
     values = small_run_values(tiny_model_dir, **FLAGS)
     with Writes(out) as writes, stages(writes, snapshots) as started:
-        assert main(["run", "--out", str(out), *flags(values)]) == 0
+        assert main(["run", "--out", str(out), *set_flags(values)]) == 0
     states = {"create": root / "nothing"} | {name: snapshots / name for name in started} | {"end": out}
     return Reference(values, out, states, writes.seen)
-
-
-def flags(values: dict) -> list[str]:
-    return [a for k, v in values.items() for a in ("--set", f"{k}={json.dumps(v)}")]
 
 
 def cli(argv: list[str]) -> int | str:
@@ -114,7 +125,6 @@ def files(directory: Path) -> dict[str, Path]:
 def readable(path: Path) -> bool:
     """Whether a file reads in full with the reader its kind has (for files no reference state holds)."""
     import safetensors.torch
-    import torch
 
     data = path.read_bytes()
     try:
@@ -135,7 +145,7 @@ def same_file(path: Path, versions: list[Path]) -> bool:
     """`path` equals one of `versions` (the same file in reference states), wall times aside."""
     if path.name == "metrics.json":
         try:
-            return any(not differences(*(untimed(json.loads(p.read_text())) for p in (path, v))) for v in versions)
+            return any(not differences(numbers(path), numbers(v)) for v in versions)
         except ValueError:
             return False
     if path.suffix == ".html":
@@ -173,25 +183,33 @@ def different(run: Path, state: Path) -> list[str]:
     mine, theirs = files(run), files(state)
     found = [f"{name}: only in one" for name in sorted(mine.keys() ^ theirs.keys())]
     for name in sorted(mine.keys() & theirs.keys()):
-        if name == "metrics.json":
-            found += differences(*(untimed(json.loads(p.read_text())) for p in (mine[name], theirs[name])), name)
+        if name == "metrics.json":  # the numbers, and which stages are recorded as finished
+            found += differences(numbers(mine[name]), numbers(theirs[name]), name)
+            found += differences(*(list(json.loads(p.read_text()).get("timings", {})) for p in (mine[name], theirs[name])), "timings")
         elif not same_file(mine[name], [theirs[name]]):
             found.append(f"{name} differs")
     return found
 
 
 def state(run: Path) -> str:
-    """The directory's files and contents, metrics.json's wall times aside: what `--resume` starts from."""
+    """What `--resume` starts from: the directory's files (and empty directories) and their contents, metrics.json's
+    wall times aside but which stages it records as finished included."""
     parts = []
-    for name, path in files(run).items():
-        content = json.dumps(untimed(json.loads(path.read_text()))) if name == "metrics.json" else digest(path)
-        parts.append(f"{name} {content}")
+    for path in sorted(run.rglob("*")) if run.exists() else ():
+        if path.is_dir():
+            content = "a directory"
+        elif path.name == "metrics.json":
+            metrics = json.loads(path.read_text())
+            content = json.dumps([numbers(path), list(metrics.get("timings", {}))])
+        else:
+            content = digest(path)
+        parts.append(f"{path.relative_to(run)} {content}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
 def resume_argv(reference: Reference, stage: str, run: Path) -> list[str]:
     """The command that (re)starts `stage`: the first writes create the run."""
-    return ["run", "--out", str(run), *flags(reference.values)] if stage == "create" else ["run", "--resume", str(run)]
+    return ["run", "--out", str(run), *set_flags(reference.values)] if stage == "create" else ["run", "--resume", str(run)]
 
 
 def failed(reference: Reference, write: Write, code: int, returned, run: Path, capsys) -> list[str]:
@@ -237,7 +255,8 @@ def test_every_write_fails_in_one_line_and_resume_reaches_the_uninterrupted_run(
                     (place / f"{writes.child}.json").write_text(json.dumps({"problems": problems, "state": state(run)}))
                 finally:
                     os._exit(0)
-    assert returned == 0 and writes.seen == reference.writes  # the same writes, none of them failed, in the parent
+    # the parent's run: the same writes as the reference, none failed, and the same directory (the children's moved away)
+    assert returned == 0 and writes.seen == reference.writes and different(run, reference.out) == []
     problems = []
     for n, write in enumerate(reference.writes):
         where = f"write {n} ({write.stage} stage, {write.kind} {write.path}, {errno.errorcode[code]})"
@@ -273,17 +292,26 @@ def finished_copy(reference: Reference, place: Path) -> Path:
     return run
 
 
+def outputs(place: Path, printed: str) -> dict[str, bytes]:
+    """What a sub-command wrote beside the run (a page, a vector, the sweep's summary) and printed, its place's path
+    written as PLACE."""
+    found = {name: path.read_bytes() for name, path in files(place).items() if not name.startswith("sweep/seed-0/")}
+    found.pop("sweep.yaml")
+    return {name: data.replace(str(place).encode(), b"PLACE") for name, data in (found | {"stdout": printed.encode()}).items()}
+
+
 @pytest.fixture(scope="module")
-def readers(reference, tmp_path_factory) -> dict[str, tuple[set[str], Path]]:
-    """Per sub-command: the files of the finished run it reads, and the run directory after it ran on an intact copy."""
+def readers(reference, tmp_path_factory) -> dict[str, tuple[set[str], Path, dict[str, bytes]]]:
+    """Per sub-command: the files of the finished run it reads, and, after it ran on an intact copy, the run directory
+    and what it wrote elsewhere or printed (outputs)."""
     found = {}
     for name in commands(Path(), reference):
         place = tmp_path_factory.mktemp(f"intact-{name}")
         run = finished_copy(reference, place)
-        with Writes(run) as writes:
+        with Writes(run) as writes, contextlib.redirect_stdout(io.StringIO()) as printed:
             assert main(commands(place, reference)[name]) == 0
-        found[name] = (writes.read & set(files(reference.out)), run)
-    read = set().union(*(reads for reads, _ in found.values()))
+        found[name] = (writes.read & set(files(reference.out)), run, outputs(place, printed.getvalue()))
+    read = set().union(*(reads for reads, _, _ in found.values()))
     assert read >= {"config.yaml", "metrics.json", "data/train.jsonl", "data/heldout.jsonl", "adapter/adapter_model.safetensors",
                     "adapter/adapter_config.json", "train_log.jsonl", "probe_shift.safetensors"}
     return found
@@ -293,7 +321,7 @@ def readers(reference, tmp_path_factory) -> dict[str, tuple[set[str], Path]]:
 def test_every_file_of_a_finished_run_damaged_is_refused_in_one_line_or_recomputed(reference, readers, tmp_path, capsys, damage):
     problems, tried = [], 0
     for name in files(reference.out):
-        for command, (reads, intact) in readers.items():
+        for command, (reads, intact, intact_outputs) in readers.items():
             if name not in reads:
                 continue
             place = tmp_path / f"{tried}"
@@ -310,8 +338,11 @@ def test_every_file_of_a_finished_run_damaged_is_refused_in_one_line_or_recomput
                     problems.append(f"{where}: not one line: {str(e)[-300:]}")
             elif returned != 0:
                 problems.append(f"{where}: {returned if isinstance(returned, str) else f'exit {returned}'}")
-            else:  # it recomputed what it needs: the same run as from the intact file
+            else:  # it recomputed what it needs: the same run, pages, files and output as from the intact file
                 problems += [f"{where}: exit 0, but {d}" for d in different(run, intact)[:3]]
+                mine = outputs(place, capsys.readouterr().out)
+                problems += [f"{where}: exit 0, but its {n} differs" for n in sorted(mine.keys() | intact_outputs.keys())
+                             if mine.get(n) != intact_outputs.get(n)]
     assert not problems, f"{len(problems)} problems in {tried} damaged runs:\n" + "\n".join(problems[:40])
 
 
